@@ -1,0 +1,36 @@
+"""Crash-safe file writes: every file fedcl produces goes through `atomic_write`."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> Path:
+    """Write a file through `write(fileobj)` into a temporary sibling, fsync, then rename over `path`.
+
+    Readers see either the old file or the complete new one, never a partial write.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> Path:
+    """Atomically write `data` as indented JSON."""
+    text = json.dumps(data, indent=2, sort_keys=False, default=str)
+    return atomic_write(path, lambda f: f.write(text.encode() + b"\n"))

@@ -1,0 +1,131 @@
+"""The one training and evaluation loop, shared by evaluation, the federated server and clients, and replay.
+
+Evaluation follows the distillation papers' protocol: freshly initialised networks are trained from scratch on a
+(synthetic or real) set with SGD (lr 0.01, momentum 0.9, weight decay 5e-4, lr x0.1 at half the epochs), optionally
+with DSA augmentation, and tested on the real test set; the result is the mean +- std over several networks.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from fedcl.augment import DEFAULT_STRATEGY, DSA
+from fedcl.data.datasets import ImageDataset
+from fedcl.models import create_model
+from fedcl.runtime import generator as make_generator
+from fedcl.runtime import resolve_device, seeded
+from fedcl.synthetic import SyntheticSet
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of `train_model`; the defaults are the distillation papers' evaluation protocol."""
+
+    epochs: int = 300
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    decay_at: float = 0.5
+    dsa: bool = True
+    dsa_strategy: str = DEFAULT_STRATEGY
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against class ids (1-D) or target distributions (2-D, rows summing to 1)."""
+    return F.cross_entropy(logits, targets)
+
+
+def train_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig = TrainConfig(),
+                *, device: str | torch.device = "auto", seed: int = 0, progress: bool = False) -> list[float]:
+    """Train `model` in place on (images, labels) with SGD and the step decay; return the mean loss per epoch.
+
+    Labels are class ids or soft-label distributions.  Batches are reshuffled every epoch from `seed`.
+    """
+    device = resolve_device(device)
+    model.to(device).train()
+    images, labels = images.to(device), labels.to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    milestone = max(1, int(config.epochs * config.decay_at))
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[milestone], gamma=0.1)
+    gen = make_generator(seed)
+    augment = DSA(config.dsa_strategy) if config.dsa else None
+    n = images.shape[0]
+    history: list[float] = []
+    for _ in tqdm(range(config.epochs), desc="train", disable=not progress, leave=False):
+        order = torch.randperm(n, generator=gen).to(device)
+        total = 0.0
+        for start in range(0, n, config.batch_size):
+            batch = order[start:start + config.batch_size]
+            x, y = images[batch], labels[batch]
+            if augment is not None:
+                x = augment(x, gen)
+            loss = soft_cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss) * len(batch)
+        scheduler.step()
+        history.append(total / n)
+    return history
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
+                   device: str | torch.device = "auto", batch_size: int = 1024) -> float:
+    """Top-1 accuracy of `model` on (images, class ids), in [0, 1]."""
+    device = resolve_device(device)
+    model.to(device).eval()
+    correct = 0
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start:start + batch_size].to(device)
+        y = labels[start:start + batch_size].to(device)
+        correct += int((model(x).argmax(dim=1) == y).sum())
+    model.train()
+    return correct / max(1, images.shape[0])
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Test accuracies (in [0, 1]) of networks trained from scratch on one set."""
+
+    accuracies: list[float]
+    model: str
+    epochs: int
+    model_cfg: dict = field(default_factory=dict)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.accuracies)
+
+    @property
+    def std(self) -> float:
+        return statistics.pstdev(self.accuracies) if len(self.accuracies) > 1 else 0.0
+
+    def __str__(self) -> str:
+        return f"{100 * self.mean:.2f} +- {100 * self.std:.2f} % ({len(self.accuracies)} models)"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "mean": self.mean, "std": self.std}
+
+
+def evaluate_synthetic(synset: SyntheticSet, dataset: ImageDataset, *, model: str = "convnet",
+                       model_cfg: dict | None = None, n_models: int = 3, config: TrainConfig = TrainConfig(),
+                       device: str | torch.device = "auto", seed: int = 0, progress: bool = False) -> EvalResult:
+    """Train `n_models` fresh networks on `synset` and test each on `dataset`'s test split."""
+    synset.validate(image_shape=dataset.image_shape, n_classes=dataset.n_classes)
+    model_cfg = dict(model_cfg or {})
+    accuracies = []
+    for i in tqdm(range(n_models), desc=f"evaluate {synset.meta.method}", disable=not progress, leave=False):
+        with seeded(seed * 1000 + i):
+            net = create_model(model, dataset.image_shape, dataset.n_classes, **model_cfg)
+        train_model(net, synset.images, synset.labels, config, device=device, seed=seed * 1000 + i)
+        accuracies.append(evaluate_model(net, dataset.test_images, dataset.test_labels, device=device))
+    return EvalResult(accuracies, model, config.epochs, model_cfg)
