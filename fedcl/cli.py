@@ -26,7 +26,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="digits",
                    help="digits (embedded, default), fashion-mnist, mnist or cifar10")
     p.add_argument("--data-root", default=None,
-                   help="directory with the dataset files (Fashion-MNIST defaults to /usr/share/datasets/fashion-mnist)")
+                   help="directory with the dataset files "
+                        "(Fashion-MNIST defaults to /usr/share/datasets/fashion-mnist)")
     p.add_argument("--download", action="store_true", help="download the dataset into --data-root if missing")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:i]")
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")

@@ -61,7 +61,10 @@ class ConvInstanceNorm(nn.Module):
         n, _, height, width = x.shape
         (kh, kw), (ph, pw) = self.conv.kernel_size, self.conv.padding
         out_h, out_w = height + 2 * ph - kh + 1, width + 2 * pw - kw + 1
-        patches = F.unfold(x, (kh, kw), padding=(ph, pw))  # (n, K, L)
+        # Patches as strided views of the padded input, copied once into (n, K, L); F.unfold (im2col) is the
+        # same result but erratically slow on CPU.
+        windows = F.pad(x, (pw, pw, ph, ph)).unfold(2, kh, 1).unfold(3, kw, 1)  # (n, C, out_h, out_w, kh, kw)
+        patches = windows.permute(0, 1, 4, 5, 2, 3).reshape(n, -1, out_h * out_w)  # (n, K, L)
         mean = patches.mean(dim=2)  # (n, K)
         second = torch.bmm(patches, patches.transpose(1, 2)) / patches.shape[2]  # (n, K, K)
         cov = second - mean.unsqueeze(2) * mean.unsqueeze(1)

@@ -187,7 +187,8 @@ class SyntheticSet:
         if self.nbytes > max_bytes:
             raise SyntheticSetError(f"synthetic set is oversize: {self.nbytes} bytes > limit {max_bytes}")
         if not 1 <= images.shape[1] <= 4 or min(images.shape[2:]) < 1:
-            raise SyntheticSetError(f"images must have 1-4 channels and non-empty H, W; got shape {tuple(images.shape)}")
+            raise SyntheticSetError(
+                f"images must have 1-4 channels and non-empty H, W; got shape {tuple(images.shape)}")
         if image_shape is not None and tuple(images.shape[1:]) != tuple(image_shape):
             raise SyntheticSetError(
                 f"images have shape {tuple(images.shape[1:])} per image, expected {tuple(image_shape)}"
@@ -239,7 +240,8 @@ class SyntheticSet:
         return tensors
 
     @classmethod
-    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], meta: SyntheticMeta | str, **limits: Any) -> SyntheticSet:
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], meta: SyntheticMeta | str,
+                     **limits: Any) -> SyntheticSet:
         """Rebuild and validate a set from its payload and metadata (JSON text or SyntheticMeta).
 
         `limits` are passed to `validate()` (max_images, max_bytes, image_shape, n_classes).
@@ -293,14 +295,15 @@ class SyntheticSet:
             raise SyntheticSetError(f"synthetic sets are saved as .safetensors, got {path.name!r}")
         payload = self.to_bytes()
         atomic_write(path, lambda f: f.write(payload))
-        sidecar = {"meta": json.loads(self.meta.to_json()), "n_images": len(self), "image_shape": list(self.image_shape),
-                   "soft_labels": self.soft_labels, "has_lrs": self.lrs is not None, "nbytes": self.nbytes}
+        sidecar = {"meta": json.loads(self.meta.to_json()), "n_images": len(self),
+                   "image_shape": list(self.image_shape), "soft_labels": self.soft_labels,
+                   "has_lrs": self.lrs is not None, "nbytes": self.nbytes}
         atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(sidecar, indent=2).encode()))
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], **limits: Any) -> SyntheticSet:
-        """Read a set written by `save`; raise SyntheticSetError (with the path) if it is missing, corrupt or invalid."""
+        """Read a set written by `save`; raise SyntheticSetError (naming the path) if missing, corrupt or invalid."""
         path = Path(path)
         if not path.is_file():
             raise SyntheticSetError(f"no synthetic set at {path}: the file does not exist")
@@ -322,8 +325,8 @@ class SyntheticSet:
 
     def to_grid_png(self, path: str | os.PathLike[str], *, min_side: int = 32) -> Path:
         """Write a PNG grid of the images, one row per class (sorted by label), upscaled to `min_side` pixels."""
-        from torchvision.utils import make_grid
         from PIL import Image
+        from torchvision.utils import make_grid
 
         order = torch.argsort(self.hard_labels.cpu(), stable=True)
         pixels = self.pixels()[order]

@@ -37,11 +37,6 @@ class TrainConfig:
     dsa_strategy: str = DEFAULT_STRATEGY
 
 
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against class ids (1-D) or target distributions (2-D, rows summing to 1)."""
-    return F.cross_entropy(logits, targets)
-
-
 def train_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig = TrainConfig(),
                 *, device: str | torch.device = "auto", seed: int = 0, progress: bool = False) -> list[float]:
     """Train `model` in place on (images, labels) with SGD and the step decay; return the mean loss per epoch.
@@ -67,7 +62,7 @@ def train_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, co
             x, y = images[batch], labels[batch]
             if augment is not None:
                 x = augment(x, gen)
-            loss = soft_cross_entropy(model(x), y)
+            loss = F.cross_entropy(model(x), y)  # class ids, or soft-label distributions (rows sum to 1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

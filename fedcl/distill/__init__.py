@@ -1,8 +1,8 @@
 """Distillers: compress real data into a SyntheticSet.  Importing this package registers every built-in method."""
 
 from fedcl.distill.base import (
-    DistillResult,
     Distiller,
+    DistillResult,
     Source,
     available_distillers,
     create_distiller,

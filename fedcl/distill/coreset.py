@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from fedcl.data.sampling import ClassIndex
-from fedcl.distill.base import DistillResult, Distiller, ProgressCallback, register
+from fedcl.distill.base import Distiller, DistillResult, ProgressCallback, register
 from fedcl.runtime import generator as make_generator
 from fedcl.train import TrainConfig, train_model
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from fedcl.augment import DEFAULT_STRATEGY, DSA
 from fedcl.data.sampling import ClassIndex
-from fedcl.distill.base import DistillResult, Distiller, ProgressCallback, register
+from fedcl.distill.base import Distiller, DistillResult, ProgressCallback, register
 from fedcl.runtime import autocast
 from fedcl.runtime import generator as make_generator
 
@@ -66,7 +66,7 @@ class DistributionMatching(Distiller):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
             if callback is not None:
                 callback(it, losses[-1])
@@ -98,14 +98,14 @@ class DistributionMatching(Distiller):
         x = syn if draw is None else self.augment.apply(syn, draw, syn_groups)
         with autocast(self.device, self.amp):
             emb = net.embed(x.contiguous(memory_format=torch.channels_last)).float()
-        syn_mean = torch.zeros(n_groups, emb.shape[1], device=emb.device).index_add(
-            0, syn_groups.to(emb.device), emb) / torch.bincount(syn_groups, minlength=n_groups).to(emb.device).unsqueeze(1)
+        syn_mean = group_sums(emb, syn_groups, n_groups) / group_counts(syn_groups, n_groups, emb.device)
         return ((real_mean - syn_mean) ** 2).sum()
 
     @torch.no_grad()
-    def real_class_means(self, net, images, picks, groups, draw, n_groups) -> torch.Tensor:
-        """Mean embedding per group of the sampled real images, without autograd, in chunks."""
-        sums = None
+    def real_class_means(self, net: torch.nn.Module, images: torch.Tensor, picks: torch.Tensor,
+                         groups: torch.Tensor, draw, n_groups: int) -> torch.Tensor:
+        """Mean embedding per group of the sampled real images, without autograd, in chunks that stay in cache."""
+        sums = 0.0
         for start in range(0, len(picks), self.chunk):
             idx, grp = picks[start:start + self.chunk], groups[start:start + self.chunk]
             x = images[idx.to(self.device)]
@@ -113,8 +113,16 @@ class DistributionMatching(Distiller):
                 x = self.augment.apply(x, draw, grp)
             with autocast(self.device, self.amp):
                 emb = net.embed(x.contiguous(memory_format=torch.channels_last)).float()
-            if sums is None:
-                sums = torch.zeros(n_groups, emb.shape[1], device=emb.device)
-            sums.index_add_(0, grp.to(emb.device), emb)
-        counts = torch.bincount(groups, minlength=n_groups).clamp(min=1).to(sums.device)
-        return sums / counts.unsqueeze(1)
+            sums = sums + group_sums(emb, grp, n_groups)
+        return sums / group_counts(groups, n_groups, self.device)
+
+
+def group_sums(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Row sums of `values` per group id, (n_groups, D)."""
+    out = torch.zeros(n_groups, values.shape[1], device=values.device, dtype=values.dtype)
+    return out.index_add_(0, groups.to(values.device), values)
+
+
+def group_counts(groups: torch.Tensor, n_groups: int, device: torch.device) -> torch.Tensor:
+    """Members per group as a (n_groups, 1) float column (at least 1, to divide by)."""
+    return torch.bincount(groups, minlength=n_groups).clamp(min=1).to(device).unsqueeze(1).float()
