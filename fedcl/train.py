@@ -66,7 +66,7 @@ def train_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, co
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(batch)
+            total += float(loss.detach()) * len(batch)
         scheduler.step()
         history.append(total / n)
     return history
