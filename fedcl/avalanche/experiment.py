@@ -108,7 +108,7 @@ def run(benchmark: CLBenchmark, config: RunConfig) -> RunResult:
         accuracy_after.append(float(metrics[_ACC_STREAM]))
     seconds = time.perf_counter() - start
     for logger in loggers:
-        logger.close()
+        logger.writer.close()  # flush the TensorBoard event file
     distill = [h["distill_seconds"] + h["compress_seconds"] for h in plugins[0].buffer.history] \
         if config.strategy == "distilled" else []
     per_exp = [float(metrics[_ACC_EXP.format(task=e.task_label, exp=e.current_experience)])
