@@ -1,0 +1,164 @@
+"""One continual-learning run: a benchmark, a strategy, a memory, Avalanche's metrics.
+
+Shared by `fedcl cl` and `simulations/bench_cl.py` so both compare strategies under the same protocol: the same
+ConvNet, optimiser (SGD lr 0.01, momentum 0.9), epochs and batch composition (`train_mb_size` current samples,
+plus `batch_size_mem` memory samples for every replay strategy through Avalanche's ReplayDataLoader).
+
+Strategies:
+  naive      fine-tuning, no memory (lower bound)
+  replay     Avalanche ReplayPlugin with ClassBalancedBuffer: real images chosen at random, balanced per class
+  herding    Avalanche ReplayPlugin with ParametricBuffer(groupby="class") and HerdingSelectionStrategy
+  distilled  fedcl DistilledReplayPlugin (the chosen distiller)
+  joint      Avalanche JointTraining on all experiences at once (upper bound; no forgetting is defined)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetting_metrics
+from avalanche.training import JointTraining, Naive
+from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
+from avalanche.training.storage_policy import ClassBalancedBuffer, HerdingSelectionStrategy, ParametricBuffer
+
+from fedcl.avalanche.benchmarks import CLBenchmark
+from fedcl.avalanche.plugin import DistilledReplayPlugin
+from fedcl.models import create_model
+from fedcl.runtime import resolve_device, seeded
+
+STRATEGIES = ("naive", "replay", "herding", "distilled", "joint")
+_ACC_EXP = "Top1_Acc_Exp/eval_phase/test_stream/Task{task:03d}/Exp{exp:03d}"
+_ACC_STREAM = "Top1_Acc_Stream/eval_phase/test_stream/Task000"
+_FORGETTING = "StreamForgetting/eval_phase/test_stream"
+_BWT = "StreamBWT/eval_phase/test_stream"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Protocol of one run (the same for every strategy it is compared with)."""
+
+    strategy: str
+    mem_size: int = 100
+    distiller: str = "dm"
+    distiller_options: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 1
+    train_mb_size: int = 128
+    batch_size_mem: int = 128
+    lr: float = 0.01
+    model_cfg: dict[str, Any] = field(default_factory=lambda: {"width": 32})
+    seed: int = 0
+    device: str = "auto"
+    tensorboard: str | None = None
+
+
+@dataclass
+class RunResult:
+    """Metrics of one run; accuracies in [0, 1]."""
+
+    strategy: str
+    seed: int
+    mem_size: int
+    final_accuracy: float
+    forgetting: float
+    bwt: float
+    accuracy_after: list[float]  # stream accuracy after training each experience (joint: one value)
+    final_per_experience: list[float]
+    distill_seconds: list[float]  # per experience (distilled replay only)
+    train_seconds: float
+
+    def row(self) -> dict[str, Any]:
+        """A flat CSV row."""
+        data = asdict(self)
+        per_exp = data.pop("final_per_experience")
+        after = data.pop("accuracy_after")
+        distill = data.pop("distill_seconds")
+        data["distill_seconds_per_exp"] = sum(distill) / len(distill) if distill else 0.0
+        data.update({f"acc_exp{i}": a for i, a in enumerate(per_exp)})
+        data.update({f"acc_after_exp{i}": a for i, a in enumerate(after)})
+        return data
+
+
+def run(benchmark: CLBenchmark, config: RunConfig) -> RunResult:
+    """Train `config.strategy` over the benchmark's train stream, evaluating on the whole test stream after each
+    experience; return Avalanche's final accuracy, forgetting and backward transfer."""
+    if config.strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {config.strategy!r}; choose one of {list(STRATEGIES)}")
+    device = resolve_device(config.device)
+    scenario = benchmark.scenario
+    with seeded(config.seed):
+        model = create_model("convnet", benchmark.dataset.image_shape, benchmark.n_classes, **config.model_cfg)
+    loggers = _loggers(config)
+    evaluator = EvaluationPlugin(accuracy_metrics(experience=True, stream=True),
+                                 forgetting_metrics(experience=True, stream=True), bwt_metrics(stream=True),
+                                 loggers=loggers)
+    plugins = _plugins(config, benchmark, model)
+    strategy = _strategy(config, model, plugins, evaluator, device)
+    torch.manual_seed(config.seed)  # Avalanche's loaders shuffle with the global generator
+    start = time.perf_counter()
+    accuracy_after, metrics = [], {}
+    stream = scenario.train_stream if config.strategy != "joint" else [scenario.train_stream]
+    for experience in stream:
+        strategy.train(experience)
+        metrics = strategy.eval(scenario.test_stream)
+        accuracy_after.append(float(metrics[_ACC_STREAM]))
+    seconds = time.perf_counter() - start
+    for logger in loggers:
+        logger.writer.close()  # flush the TensorBoard event file
+    distill = [h["distill_seconds"] + h["compress_seconds"] for h in plugins[0].buffer.history] \
+        if config.strategy == "distilled" else []
+    per_exp = [float(metrics[_ACC_EXP.format(task=e.task_label, exp=e.current_experience)])
+               for e in scenario.test_stream]
+    return RunResult(config.strategy, config.seed, config.mem_size, accuracy_after[-1],
+                     _metric(metrics, _FORGETTING, config), _metric(metrics, _BWT, config), accuracy_after,
+                     per_exp, distill, round(seconds, 2))
+
+
+def _metric(metrics: dict[str, Any], key: str, config: RunConfig) -> float:
+    """A stream metric; NaN for joint training, where forgetting and backward transfer are undefined."""
+    return math.nan if config.strategy == "joint" else float(metrics.get(key, math.nan))
+
+
+def _loggers(config: RunConfig) -> list[Any]:
+    if not config.tensorboard:
+        return []
+    from avalanche.logging import TensorboardLogger
+
+    return [TensorboardLogger(tb_log_dir=str(Path(config.tensorboard) / f"{config.strategy}-seed{config.seed}"))]
+
+
+def _plugins(config: RunConfig, benchmark: CLBenchmark, model: torch.nn.Module) -> list[Any]:
+    common = {"batch_size": config.train_mb_size, "batch_size_mem": config.batch_size_mem}
+    if config.strategy == "replay":
+        policy = ClassBalancedBuffer(config.mem_size, adaptive_size=True)
+        return [ReplayPlugin(config.mem_size, storage_policy=policy, **common)]
+    if config.strategy == "herding":
+        policy = ParametricBuffer(config.mem_size, groupby="class",
+                                  selection_strategy=FlatHerdingSelection(model, "features"))
+        return [ReplayPlugin(config.mem_size, storage_policy=policy, **common)]
+    if config.strategy == "distilled":
+        options = {"model_cfg": dict(config.model_cfg), **config.distiller_options}
+        return [DistilledReplayPlugin(config.mem_size, config.distiller, distiller_options=options,
+                                      source=benchmark.source, n_classes=benchmark.n_classes, seed=config.seed,
+                                      **common)]
+    return []
+
+
+def _strategy(config: RunConfig, model: torch.nn.Module, plugins: list[Any], evaluator: Any,
+              device: torch.device) -> Any:
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
+    kwargs = {"model": model, "optimizer": optimizer, "criterion": torch.nn.CrossEntropyLoss(),
+              "train_mb_size": config.train_mb_size, "train_epochs": config.epochs, "eval_mb_size": 512,
+              "device": device, "plugins": plugins, "evaluator": evaluator}
+    return JointTraining(**kwargs) if config.strategy == "joint" else Naive(**kwargs)
+
+
+class FlatHerdingSelection(HerdingSelectionStrategy):
+    """Avalanche's herding on a convolutional layer's output, flattened to one feature vector per sample."""
+
+    def make_sorted_indices_from_features(self, features: torch.Tensor) -> list[int]:
+        return super().make_sorted_indices_from_features(features.flatten(1))

@@ -1,0 +1,96 @@
+"""DistilledReplayPlugin inside a real Avalanche Naive strategy, and the `fedcl cl` command."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+pytest.importorskip("avalanche")
+
+from avalanche.benchmarks.utils.data_loader import ReplayDataLoader  # noqa: E402
+from avalanche.training import Naive  # noqa: E402
+from avalanche.training.plugins import SupervisedPlugin  # noqa: E402
+
+from fedcl.avalanche import DistilledReplayPlugin, make_benchmark  # noqa: E402
+from fedcl.avalanche.plugin import SoftReplayLoss  # noqa: E402
+from fedcl.cli import main  # noqa: E402
+from fedcl.models import create_model  # noqa: E402
+from test_avalanche_buffer import SoftLabelDistiller  # noqa: E402
+
+
+class Spy(SupervisedPlugin):
+    """Records the loader and criterion type of every training epoch."""
+
+    def __init__(self, recorded: list) -> None:
+        super().__init__()
+        self.recorded = recorded
+
+    def before_training_epoch(self, strategy, **kwargs):
+        self.recorded.append((type(strategy.dataloader), type(strategy._criterion)))
+
+
+def _naive(plugin: DistilledReplayPlugin, recorded: list) -> Naive:
+    model = create_model("convnet", (1, 8, 8), 10, width=8)
+    return Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+                 criterion=torch.nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=1, eval_mb_size=256,
+                 device="cpu", plugins=[plugin, Spy(recorded)], evaluator=None)
+
+
+@pytest.mark.slow
+def test_plugin_runs_inside_naive_on_split_digits():
+    benchmark = make_benchmark("split-digits", seed=0)
+    plugin = DistilledReplayPlugin(mem_size=20, distiller="dm", source=benchmark.source,
+                                   distiller_options={"iterations": 2, "batch_real": 8, "model_cfg": {"width": 8}})
+    recorded: list = []
+    strategy = _naive(plugin, recorded)
+    seen = []
+    for exp in benchmark.scenario.train_stream:
+        strategy.train(exp)
+        seen += exp.classes_in_this_experience
+        assert len(plugin.buffer.buffer) <= 20
+        assert plugin.buffer.seen_classes() == sorted(seen)
+    assert recorded[0][0] is not ReplayDataLoader  # nothing to replay before the first experience
+    assert all(loader is ReplayDataLoader for loader, _ in recorded[1:])
+    assert [h["ipc"] for h in plugin.buffer.history] == [10, 5, 3, 2, 2]
+    assert plugin.buffer.sets[0].meta.method == "dm" and plugin.buffer.sets[0].meta.dataset == "digits"
+    strategy.eval(benchmark.scenario.test_stream)  # evaluation after replay training runs too
+
+
+@pytest.mark.slow
+def test_soft_labelled_memory_switches_the_criterion_for_the_experience():
+    benchmark = make_benchmark("split-digits", seed=0)
+    plugin = DistilledReplayPlugin(mem_size=10, distiller=SoftLabelDistiller())
+    recorded: list = []
+    strategy = _naive(plugin, recorded)
+    for exp in list(benchmark.scenario.train_stream)[:2]:
+        strategy.train(exp)
+    assert recorded[1][1] is SoftReplayLoss
+    assert isinstance(strategy._criterion, torch.nn.CrossEntropyLoss)  # restored after the experience
+
+
+def test_plugin_save_and_load(tmp_path):
+    benchmark = make_benchmark("split-digits", seed=0)
+    plugin = DistilledReplayPlugin(mem_size=10, distiller="random")
+    plugin.buffer.post_adapt(type("Agent", (), {"device": "cpu"})(), benchmark.scenario.train_stream[0])
+    plugin.save(tmp_path)
+    restored = DistilledReplayPlugin(mem_size=10, distiller="random")
+    restored.load(tmp_path)
+    assert torch.equal(restored.buffer.sets[0].images, plugin.buffer.sets[0].images)
+
+
+@pytest.mark.slow
+def test_cl_command_writes_results_csv(tmp_path, capsys):
+    out = tmp_path / "cl"
+    code = main(["cl", "--benchmark", "split-digits", "--strategy", "naive", "replay", "herding", "distilled",
+                 "joint", "--mem-size", "20", "--epochs", "1", "--seed", "0", "--out", str(out), "--width", "8",
+                 "--distill-iterations", "2"])
+    assert code == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["strategy"] for r in rows] == ["naive", "replay", "herding", "distilled", "joint"]
+    for row in rows:
+        assert 0.0 <= float(row["final_accuracy"]) <= 1.0
+    assert float(rows[3]["distill_seconds_per_exp"]) > 0
+    assert (out / "accuracy.png").stat().st_size > 1000
+    assert "final average accuracy" in capsys.readouterr().out
