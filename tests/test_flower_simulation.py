@@ -40,7 +40,7 @@ def test_fed_distill_two_rounds_improve_over_the_initial_model(tmp_path):
     rows = simulate(settings, 3)
     accuracy = [float(r["accuracy"]) for r in rows]
     assert [int(r["round"]) for r in rows] == [0, 1, 2]
-    assert accuracy[1] > accuracy[0] + 0.2 and accuracy[2] > accuracy[0] + 0.2
+    assert accuracy[1] > accuracy[0] + 0.15 and accuracy[2] > accuracy[0] + 0.15
     assert all(int(r["uplink_bytes"]) > 0 for r in rows[1:]) and int(rows[0]["uplink_bytes"]) == 0
     # round 1 sends only the config; round 2 also sends the global model down (guided distillation)
     assert int(rows[2]["downlink_bytes"]) > 10 * int(rows[1]["downlink_bytes"])

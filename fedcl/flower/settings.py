@@ -29,7 +29,8 @@ class FedSettings:
     guide_noise (relative perturbation of the global model's weights when clients distil against it).
     Client training (fedavg, hybrid): local_epochs, local_lr, local_batch_size.
     Server training on the pooled synthetic memory: server_epochs (fed-distill, every round), finetune_epochs
-    (hybrid, after every aggregation), server_lr, memory ("all" sets ever received or each client's "latest").
+    (hybrid, after every aggregation), server_lr, server_batch_size (small pools need small batches to get
+    enough steps per epoch), memory ("all" sets ever received or each client's "latest").
     Output: out_dir (rounds.csv, plots, summary), device ("auto" = CUDA when present).
     """
 
@@ -59,6 +60,7 @@ class FedSettings:
     server_epochs: int = 100
     finetune_epochs: int = 10
     server_lr: float = 0.01
+    server_batch_size: int = 64
     memory: str = "all"
     out_dir: str = "runs/flower"
     device: str = "auto"
