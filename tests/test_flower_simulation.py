@@ -97,7 +97,7 @@ def test_fedcl_simulate_writes_rounds_csv(tmp_path, strategy):
     env = {**os.environ, **QUIET_ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "fedcl.cli", "simulate", "--dataset", "digits", "--clients", "3", "--strategy",
            strategy, "--rounds", "2", "--seed", "0", "--out", str(out), "--width", "16", "--distill-iterations",
-           "5", "--finetune-epochs", "3"]
+           "5", "--finetune-epochs", "3", "--local-epochs", "5", "--fraction-evaluate", "1.0"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = _rows(out)
@@ -111,3 +111,4 @@ def test_fedcl_simulate_writes_rounds_csv(tmp_path, strategy):
         assert int(rows[1]["uplink_bytes"]) == int(rows[2]["uplink_bytes"])
     assert int(rows[1]["downlink_bytes"]) >= 3 * model_bytes
     assert (out / "partitions.txt").is_file() and (out / "accuracy.png").is_file()
+    assert rows[0]["client_accuracy"] == "" and 0 < float(rows[2]["client_accuracy"]) <= 1  # clients evaluated

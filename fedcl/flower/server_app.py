@@ -23,12 +23,11 @@ from fedcl.flower.settings import FedSettings
 from fedcl.models import create_model
 from fedcl.runtime import resolve_device, seeded
 from fedcl.train import TrainConfig, evaluate_model
+from strategies import FedAvgDistill, FedDistill, MeteredFedAvg, TrafficLog
 
 
 def build_strategy(settings: FedSettings, dataset: ImageDataset) -> Strategy:
     """The strategy named by `settings.strategy`, configured from the settings."""
-    from strategies import FedAvgDistill, FedDistill, MeteredFedAvg
-
     sampling = dict(fraction_train=settings.fraction_train, fraction_evaluate=settings.fraction_evaluate,
                     min_train_nodes=settings.min_nodes, min_evaluate_nodes=settings.min_nodes,
                     min_available_nodes=settings.min_nodes)
@@ -62,19 +61,24 @@ def run_federation(grid: Grid, settings: FedSettings) -> list[dict[str, Any]]:
     result = strategy.start(grid=grid, initial_arrays=model_to_arrays(model), num_rounds=settings.num_rounds,
                             timeout=settings.round_timeout, train_config=ConfigRecord(settings.to_config()),
                             evaluate_config=ConfigRecord(settings.to_config()), evaluate_fn=evaluate)
-    rows = _rows(result.evaluate_metrics_serverapp, strategy.traffic, finished)
+    rows = _rows(result.evaluate_metrics_serverapp, result.evaluate_metrics_clientapp, strategy.traffic, finished)
     summary = write_results(rows, settings.out_dir, settings.strategy)
     log(INFO, "fedcl: %s -> final accuracy %.4f, uplink %d bytes; results in %s", settings.strategy,
         summary["final_accuracy"], summary["uplink_bytes"], settings.out_dir)
     return rows
 
 
-def _rows(accuracy: dict[int, MetricRecord], traffic, seconds: dict[int, float]) -> list[dict[str, Any]]:
+def _rows(accuracy: dict[int, MetricRecord], client_metrics: dict[int, MetricRecord], traffic: TrafficLog,
+          seconds: dict[int, float]) -> list[dict[str, Any]]:
+    """One row per round: server-side test accuracy, clients' mean local accuracy (when they evaluated), traffic
+    and failures."""
     rows, cumulative = [], 0
     for server_round in sorted(accuracy):
         t = traffic[server_round]
         cumulative += t.uplink_bytes
+        local = client_metrics.get(server_round, {}).get("local-accuracy")
         rows.append({"round": server_round, "accuracy": round(float(accuracy[server_round]["accuracy"]), 6),
+                     "client_accuracy": "" if local is None else round(float(local), 6),
                      "uplink_bytes": t.uplink_bytes, "downlink_bytes": t.downlink_bytes,
                      "cumulative_uplink_bytes": cumulative, "replies_ok": t.messages_sent - len(t.failures),
                      "clients_failed": len(t.failures), "seconds": round(seconds.get(server_round, 0.0), 3),
