@@ -31,7 +31,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from fedcl.files import atomic_write
-from fedcl.flower import FedSettings
+from fedcl.flower.settings import FedSettings
 from fedcl.flower.results import plot_accuracy, summarise
 from fedcl.flower.simulation import simulate
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from flwr.app import Array, ConfigRecord, MetricRecord, RecordDict
 
-from fedcl.flower import record_nbytes, synset_from_record, synset_to_record
+from fedcl.flower.records import record_nbytes, synset_from_record, synset_to_record
 from fedcl.synthetic import SyntheticMeta, SyntheticSet, SyntheticSetError
 
 SHAPE = (1, 8, 8)

@@ -14,7 +14,7 @@ import pytest
 from flwr.app import Array, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedcl.flower import FedSettings
+from fedcl.flower.settings import FedSettings
 from fedcl.flower.simulation import QUIET_ENV, simulate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,27 +1,9 @@
 """Flower integration: SyntheticSet <-> message records, the ClientApp, the ServerApp and `fedcl simulate`.
 
-Importing this package imports Flower; fedcl's core never does.  The apps themselves live in
-`fedcl.flower.client_app:app` and `fedcl.flower.server_app:app` (the components `flwr run` loads).
+Import from the submodules (this package's own import stays light, so the `fedcl` CLI can read settings
+without loading Flower or torch):
+- `fedcl.flower.records`: SyntheticSet and model <-> Flower records, validated on arrival, byte counts.
+- `fedcl.flower.settings`: `FedSettings`, the one table of run settings (run config, messages, CLI).
+- `fedcl.flower.client_app:app` and `fedcl.flower.server_app:app`: the components `flwr run` loads.
+- `fedcl.flower.simulation`: `simulate(settings, n_clients)` on Flower's simulation engine (Ray).
 """
-
-from fedcl.flower.records import (
-    META_KEY,
-    SYNTHETIC_KEY,
-    arrays_to_model,
-    model_to_arrays,
-    record_nbytes,
-    synset_from_record,
-    synset_to_record,
-)
-from fedcl.flower.settings import FedSettings
-
-__all__ = [
-    "META_KEY",
-    "SYNTHETIC_KEY",
-    "FedSettings",
-    "arrays_to_model",
-    "model_to_arrays",
-    "record_nbytes",
-    "synset_from_record",
-    "synset_to_record",
-]

@@ -51,6 +51,7 @@ def plot_accuracy(runs: dict[str, list[dict[str, Any]]], path: str | os.PathLike
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(10, 3.8))
     for label, rows in runs.items():
@@ -59,6 +60,7 @@ def plot_accuracy(runs: dict[str, list[dict[str, Any]]], path: str | os.PathLike
         by_bytes.plot([int(r["cumulative_uplink_bytes"]) / 1e6 for r in rows], acc, marker="o", label=label)
     by_round.set(xlabel="round", ylabel="test accuracy (%)", title="accuracy vs rounds")
     by_bytes.set(xlabel="cumulative uplink (MB)", ylabel="test accuracy (%)", title="accuracy vs uplink")
+    by_round.xaxis.set_major_locator(MaxNLocator(integer=True))
     by_bytes.set_xscale("symlog", linthresh=0.1)
     by_round.legend(fontsize="small")
     fig.tight_layout()
