@@ -4,7 +4,7 @@ The issue's protocol (defaults): Fashion-MNIST, 10 clients, Dirichlet alpha 0.1 
 (CPU-sized; the papers' width is 128: pass --width 128 on a GPU), seeds 0 1 2.
 - fedavg:       20 rounds, 1 local epoch (SGD lr 0.01, momentum 0.9, batch 64).
 - one-shot:     FedDistill, 1 round: every client distils 10 images per class (DM, 200 iterations) and uploads
-                them once; the server trains the model on the pool (300 epochs, DSA).
+                them once (float16 pixels); the server trains the model on the pool (300 epochs, DSA).
 - multi-round:  FedDistill, 5 rounds: from round 2 clients distil against the current global model; the server
                 keeps all sets and continues training (100 epochs per round).
 - hybrid:       FedAvg for 20 rounds + the sets uploaded once in round 1; the aggregate is fine-tuned on them for
@@ -57,7 +57,8 @@ def run_all(args: argparse.Namespace) -> list[dict]:
         for seed in args.seeds:
             base = FedSettings(dataset=args.dataset, data_root=args.data_root, partitioner="dirichlet", alpha=alpha,
                                seed=seed, width=args.width, ipc=args.ipc, distill_iterations=args.distill_iterations,
-                               batch_real=args.batch_real, local_epochs=1, min_nodes=args.clients,
+                               batch_real=args.batch_real, upload_dtype=args.upload_dtype, local_epochs=1,
+                               min_nodes=args.clients,
                                device=args.device)
             for variant in args.variants:
                 run_dir = out / f"alpha{alpha}" / f"seed{seed}" / variant
@@ -136,6 +137,8 @@ def main() -> None:
     parser.add_argument("--ipc", type=int, default=10, help="images per class per client (default 10)")
     parser.add_argument("--distill-iterations", type=int, default=200)
     parser.add_argument("--batch-real", type=int, default=64)
+    parser.add_argument("--upload-dtype", default="float16", choices=("float32", "float16"),
+                        help="wire format of the synthetic images (default float16: half the uplink)")
     parser.add_argument("--fedavg-rounds", type=int, default=20)
     parser.add_argument("--multi-rounds", type=int, default=5)
     parser.add_argument("--oneshot-server-epochs", type=int, default=300)

@@ -72,7 +72,7 @@ def test_superlink_and_two_supernodes_run_a_fed_distill_round(tmp_path):
                 [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
                  "--port", str(_free_port()), "--node-config", f"partition-id={pid} num-partitions=2"],
                 env=env, cwd=tmp_path, stdout=logs[f"node{pid}"], stderr=subprocess.STDOUT))
-        run_config = (f'strategy="fed-distill" num-rounds=1 width=16 distill-iterations=5 server-epochs=20 '
+        run_config = (f'strategy="fed-distill" num-rounds=1 width=16 distill-iterations=5 server-epochs=20 upload-dtype="float16" '
                       f'min-nodes=2 out-dir="{out}"')
         started = subprocess.run([str(BIN / "flwr"), "run", ".", "deploy", "--stream", "--run-config", run_config],
                                  env=env, cwd=APP, capture_output=True, text=True, timeout=300)

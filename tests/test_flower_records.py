@@ -36,6 +36,18 @@ def test_round_trip_keeps_tensors_and_metadata(soft):
     assert (back.lrs is None) == (synset.lrs is None)
 
 
+def test_float16_upload_halves_the_image_bytes_and_arrives_as_float32():
+    synset = _synset(n_per_class=20)
+    full, half = synset_to_record(synset), synset_to_record(synset, "float16")
+    assert record_nbytes(half) < 0.6 * record_nbytes(full)
+    back = _decode(half)
+    assert back.images.dtype == torch.float32
+    assert torch.allclose(back.images, synset.images, atol=1e-2)
+    overflow = synset_to_record(SyntheticSet(synset.images * 1e6, synset.labels, synset.meta), "float16")
+    with pytest.raises(SyntheticSetError, match="Inf"):
+        _decode(overflow)
+
+
 def test_byte_count_covers_the_tensor_payload():
     synset = _synset()
     content = synset_to_record(synset)

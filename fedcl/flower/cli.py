@@ -39,6 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> dict[str, Callable[[argp
     p.add_argument("--width", type=int, default=32, help="ConvNet/MLP width (default 32, CPU-sized)")
     p.add_argument("--ipc", type=int, default=10, help="synthetic images per class per client (default 10)")
     p.add_argument("--distill-iterations", type=int, default=100, help="client DM iterations (default 100)")
+    p.add_argument("--upload-dtype", default="float32", choices=("float32", "float16"),
+                   help="wire format of uploaded synthetic images (float16 halves the uplink; default float32)")
     p.add_argument("--local-epochs", type=int, default=1, help="FedAvg local epochs (default 1)")
     p.add_argument("--server-epochs", type=int, default=100,
                    help="fed-distill: server epochs on the pooled memory per round (default 100)")
@@ -65,7 +67,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         dataset=args.dataset, data_root=args.data_root, partitioner=args.partitioner, alpha=args.alpha,
         classes_per_client=args.classes_per_client, seed=args.seed, model=args.model, width=args.width,
         strategy=args.strategy, num_rounds=args.rounds, fraction_evaluate=args.fraction_evaluate,
-        min_nodes=args.clients, ipc=args.ipc, distill_iterations=args.distill_iterations,
+        min_nodes=args.clients, ipc=args.ipc, distill_iterations=args.distill_iterations, upload_dtype=args.upload_dtype,
         local_epochs=args.local_epochs, server_epochs=args.server_epochs, finetune_epochs=args.finetune_epochs,
         memory=args.memory, out_dir=args.out, device=args.device)
     print(write_partitions(settings, args.clients))

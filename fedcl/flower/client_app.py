@@ -83,7 +83,7 @@ def distill(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     synset = distiller.distill(images, labels, ipc=settings.ipc, n_classes=dataset.n_classes,
                                source=Source.of(dataset))
-    content = synset_to_record(synset)
+    content = synset_to_record(synset, settings.upload_dtype)
     content["metrics"] = MetricRecord({"num-examples": int(labels.numel()), "synthetic-images": len(synset),
                                        "distill-seconds": time.perf_counter() - start})
     return Message(content=content, reply_to=msg)

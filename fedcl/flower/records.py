@@ -21,16 +21,24 @@ from fedcl.synthetic import MAX_BYTES, MAX_IMAGES, SyntheticSet, SyntheticSetErr
 #: RecordDict keys of a synthetic set's tensors and of its metadata.
 SYNTHETIC_KEY = "synthetic"
 META_KEY = "synthetic-meta"
-_ALLOWED_DTYPES = {"images": {"float32"}, "labels": {"int64", "float32"}, "lrs": {"float32"}}
+_ALLOWED_DTYPES = {"images": {"float32", "float16"}, "labels": {"int64", "float32"}, "lrs": {"float32"}}
+#: Wire formats of the images: float16 halves the upload (synthetic pixels are normalised values of order 1).
+IMAGE_DTYPES = ("float32", "float16")
 #: Allowance for numpy's .npy headers on top of the tensor bytes.
 _HEADER_SLACK = 1024
 
 
-def synset_to_record(synset: SyntheticSet) -> RecordDict:
-    """A RecordDict carrying `synset` (validated first): its tensors and its metadata JSON."""
+def synset_to_record(synset: SyntheticSet, image_dtype: str = "float32") -> RecordDict:
+    """A RecordDict carrying `synset` (validated first): its tensors and its metadata JSON.
+
+    image_dtype: "float32" (exact) or "float16" (half the bytes; the receiver gets float32 back).
+    """
+    if image_dtype not in IMAGE_DTYPES:
+        raise ValueError(f"image_dtype must be one of {IMAGE_DTYPES}, got {image_dtype!r}")
     synset.validate()
-    arrays = ArrayRecord({name: Array(t.detach().cpu().contiguous().numpy())
-                          for name, t in synset.to_tensors().items()})
+    tensors = synset.to_tensors()
+    tensors["images"] = tensors["images"].to(getattr(torch, image_dtype))
+    arrays = ArrayRecord({name: Array(t.detach().cpu().contiguous().numpy()) for name, t in tensors.items()})
     return RecordDict({SYNTHETIC_KEY: arrays, META_KEY: ConfigRecord({"meta": synset.meta.to_json()})})
 
 
@@ -48,6 +56,8 @@ def synset_from_record(content: RecordDict, *, image_shape: tuple[int, ...] | No
     if not isinstance(meta, str):
         raise SyntheticSetError(f"message carries no synthetic-set metadata (ConfigRecord {META_KEY!r}, key 'meta')")
     tensors = {name: _decode(name, array) for name, array in arrays.items()}
+    if "images" in tensors:
+        tensors["images"] = tensors["images"].float()  # float16 on the wire; overflow shows up as Inf
     return SyntheticSet.from_tensors(tensors, meta, image_shape=image_shape, n_classes=n_classes,
                                      max_images=max_images, max_bytes=max_bytes)
 

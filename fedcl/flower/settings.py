@@ -26,7 +26,8 @@ class FedSettings:
     Strategy: strategy (fedavg, fed-distill, hybrid), num_rounds, fraction_train, fraction_evaluate,
     min_nodes (clients a round waits for), round_timeout (seconds).
     Client distillation (fed-distill, hybrid): ipc (images per class), distill_iterations, batch_real,
-    guide_noise (relative perturbation of the global model's weights when clients distil against it).
+    guide_noise (relative perturbation of the global model's weights when clients distil against it),
+    upload_dtype (wire format of the synthetic images: float32, or float16 for half the uplink).
     Client training (fedavg, hybrid): local_epochs, local_lr, local_batch_size.
     Server training on the pooled synthetic memory: server_epochs (fed-distill, every round), finetune_epochs
     (hybrid, after every aggregation), server_lr, server_batch_size (small pools need small batches to get
@@ -54,6 +55,7 @@ class FedSettings:
     distill_iterations: int = 100
     batch_real: int = 64
     guide_noise: float = 0.05
+    upload_dtype: str = "float32"
     local_epochs: int = 1
     local_lr: float = 0.01
     local_batch_size: int = 64
@@ -68,6 +70,8 @@ class FedSettings:
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {list(STRATEGIES)}")
+        if self.upload_dtype not in ("float32", "float16"):
+            raise ValueError(f"upload-dtype must be 'float32' or 'float16', got {self.upload_dtype!r}")
         if self.memory not in ("all", "latest"):
             raise ValueError(f"memory must be 'all' or 'latest', got {self.memory!r}")
         if self.num_rounds < 1 or self.ipc < 1 or self.min_nodes < 1:
