@@ -62,9 +62,10 @@ def test_superlink_and_two_supernodes_run_a_fed_distill_round(tmp_path):
     logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("superlink", "node0", "node1")}
     processes: list[subprocess.Popen] = []
     try:
-        link = subprocess.Popen([str(BIN / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
-                                 "--host", "127.0.0.1", "--port", str(link_port)],
-                                env=env, cwd=tmp_path, stdout=logs["superlink"], stderr=subprocess.STDOUT)
+        link = subprocess.Popen(
+            [str(BIN / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+             "--host", "127.0.0.1", "--port", str(link_port)],
+            env=env, cwd=tmp_path, stdout=logs["superlink"], stderr=subprocess.STDOUT)
         processes.append(link)
         _wait_for_port(link_port, link)
         for pid in range(2):
@@ -72,8 +73,8 @@ def test_superlink_and_two_supernodes_run_a_fed_distill_round(tmp_path):
                 [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
                  "--port", str(_free_port()), "--node-config", f"partition-id={pid} num-partitions=2"],
                 env=env, cwd=tmp_path, stdout=logs[f"node{pid}"], stderr=subprocess.STDOUT))
-        run_config = (f'strategy="fed-distill" num-rounds=1 width=16 distill-iterations=5 server-epochs=20 upload-dtype="float16" '
-                      f'min-nodes=2 out-dir="{out}"')
+        run_config = (f'strategy="fed-distill" num-rounds=1 width=16 distill-iterations=5 server-epochs=20 '
+                      f'upload-dtype="float16" min-nodes=2 out-dir="{out}"')
         started = subprocess.run([str(BIN / "flwr"), "run", ".", "deploy", "--stream", "--run-config", run_config],
                                  env=env, cwd=APP, capture_output=True, text=True, timeout=300)
         assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]

@@ -67,9 +67,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         dataset=args.dataset, data_root=args.data_root, partitioner=args.partitioner, alpha=args.alpha,
         classes_per_client=args.classes_per_client, seed=args.seed, model=args.model, width=args.width,
         strategy=args.strategy, num_rounds=args.rounds, fraction_evaluate=args.fraction_evaluate,
-        min_nodes=args.clients, ipc=args.ipc, distill_iterations=args.distill_iterations, upload_dtype=args.upload_dtype,
-        local_epochs=args.local_epochs, server_epochs=args.server_epochs, finetune_epochs=args.finetune_epochs,
-        memory=args.memory, out_dir=args.out, device=args.device)
+        min_nodes=args.clients, ipc=args.ipc, distill_iterations=args.distill_iterations,
+        upload_dtype=args.upload_dtype, local_epochs=args.local_epochs, server_epochs=args.server_epochs,
+        finetune_epochs=args.finetune_epochs, memory=args.memory, out_dir=args.out, device=args.device)
     print(write_partitions(settings, args.clients))
     rows = simulate(settings, args.clients, gpu_fraction=args.gpu_fraction, verbose=args.verbose)
     print(markdown_table([summarise(rows, args.strategy)]))

@@ -12,8 +12,8 @@ from fedcl.files import atomic_write, write_json
 
 #: Columns of rounds.csv (outside checks rely on round, accuracy, uplink_bytes, downlink_bytes).  accuracy is the
 #: global model's on the server's test split; client_accuracy the clients' weighted mean on their own partitions.
-COLUMNS = ("round", "accuracy", "client_accuracy", "uplink_bytes", "downlink_bytes", "cumulative_uplink_bytes", "replies_ok",
-           "clients_failed", "seconds", "failure_reasons")
+COLUMNS = ("round", "accuracy", "client_accuracy", "uplink_bytes", "downlink_bytes", "cumulative_uplink_bytes",
+           "replies_ok", "clients_failed", "seconds", "failure_reasons")
 
 
 def write_rounds_csv(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
