@@ -108,7 +108,7 @@ def _coerce(value: Any, kind: type, key: str) -> Any:
             return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
         return kind(value)
     except (TypeError, ValueError):
-        raise ValueError(f"config key {key!r} must be a {kind.__name__}, got {value!r}") from None
+        raise ValueError(f"config key {key!r} must be of type {kind.__name__}, got {value!r}") from None
 
 
 _DEFAULTS = FedSettings()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ def simulate(settings: FedSettings, n_clients: int, *, gpu_fraction: float | Non
     from fedcl.flower.server_app import make_server_app
 
     if n_clients < settings.min_nodes:
-        settings = FedSettings.from_config(settings.to_config(), min_nodes=n_clients)
+        settings = replace(settings, min_nodes=n_clients)
     backend = {"client_resources": client_resources(n_clients, gpu_fraction),
                "init_args": {"include_dashboard": False}}
     run_simulation(server_app=make_server_app(settings), client_app=client_app, num_supernodes=n_clients,
