@@ -192,7 +192,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 #: Modules that add subcommands: each has `register(subparsers) -> {name: handler}` and keeps its top-level
 #: imports light (heavy libraries are imported inside the handlers), so `fedcl --help` stays fast.
-_EXTENSIONS: tuple[str, ...] = ("fedcl.avalanche.cli",)
+_EXTENSIONS: tuple[str, ...] = ("fedcl.avalanche.cli", "fedcl.flower.cli")
 
 
 def main(argv: list[str] | None = None) -> int:

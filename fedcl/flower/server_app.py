@@ -1,0 +1,100 @@
+"""The fedcl ServerApp: build the strategy named in the run config, run it, write per-round results.
+
+`flwr run` loads `app` (settings from `[tool.flwr.app.config]` and `--run-config`); `fedcl simulate` and the
+benchmark build an app with fixed settings through `make_server_app`.  The global model is evaluated on the
+server's copy of the test split before training and after every round (the `accuracy` column).
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
+
+from fedcl.data import ImageDataset, load_dataset
+from fedcl.flower.records import arrays_to_model, model_to_arrays
+from fedcl.flower.results import write_results
+from fedcl.flower.settings import FedSettings
+from fedcl.models import create_model
+from fedcl.runtime import resolve_device, seeded
+from fedcl.train import TrainConfig, evaluate_model
+from strategies import FedAvgDistill, FedDistill, MeteredFedAvg, TrafficLog
+
+
+def build_strategy(settings: FedSettings, dataset: ImageDataset) -> Strategy:
+    """The strategy named by `settings.strategy`, configured from the settings."""
+    sampling = dict(fraction_train=settings.fraction_train, fraction_evaluate=settings.fraction_evaluate,
+                    min_train_nodes=settings.min_nodes, min_evaluate_nodes=settings.min_nodes,
+                    min_available_nodes=settings.min_nodes)
+    if settings.strategy == "fedavg":
+        return MeteredFedAvg(**sampling)
+    common = dict(image_shape=dataset.image_shape, n_classes=dataset.n_classes, model=settings.model,
+                  model_cfg=settings.model_cfg, max_images_per_client=settings.ipc * dataset.n_classes,
+                  memory=settings.memory, device=settings.device, seed=settings.seed, **sampling)
+    server_training = dict(lr=settings.server_lr, batch_size=settings.server_batch_size, dsa=True)
+    if settings.strategy == "fed-distill":
+        return FedDistill(train_config=TrainConfig(epochs=settings.server_epochs, **server_training), **common)
+    return FedAvgDistill(finetune_config=TrainConfig(epochs=settings.finetune_epochs, decay_at=1.0, **server_training),
+                         **common)
+
+
+def run_federation(grid: Grid, settings: FedSettings) -> list[dict[str, Any]]:
+    """Run `settings.num_rounds` rounds of the configured strategy; write and return the per-round rows."""
+    dataset = load_dataset(settings.dataset, settings.data_root or None)
+    device = resolve_device(settings.device)
+    with seeded(settings.seed):
+        model = create_model(settings.model, dataset.image_shape, dataset.n_classes, **settings.model_cfg)
+    strategy = build_strategy(settings, dataset)
+    start, finished = time.perf_counter(), {}
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        accuracy = evaluate_model(arrays_to_model(model, arrays), dataset.test_images, dataset.test_labels,
+                                  device=device)
+        finished[server_round] = time.perf_counter() - start
+        return MetricRecord({"accuracy": accuracy})
+
+    result = strategy.start(grid=grid, initial_arrays=model_to_arrays(model), num_rounds=settings.num_rounds,
+                            timeout=settings.round_timeout, train_config=ConfigRecord(settings.to_config()),
+                            evaluate_config=ConfigRecord(settings.to_config()), evaluate_fn=evaluate)
+    rows = _rows(result.evaluate_metrics_serverapp, result.evaluate_metrics_clientapp, strategy.traffic, finished)
+    summary = write_results(rows, settings.out_dir, settings.strategy)
+    log(INFO, "fedcl: %s -> final accuracy %.4f, uplink %d bytes; results in %s", settings.strategy,
+        summary["final_accuracy"], summary["uplink_bytes"], settings.out_dir)
+    return rows
+
+
+def _rows(accuracy: dict[int, MetricRecord], client_metrics: dict[int, MetricRecord], traffic: TrafficLog,
+          seconds: dict[int, float]) -> list[dict[str, Any]]:
+    """One row per round: server-side test accuracy, clients' mean local accuracy (when they evaluated), traffic
+    and failures."""
+    rows, cumulative = [], 0
+    for server_round in sorted(accuracy):
+        t = traffic[server_round]
+        cumulative += t.uplink_bytes
+        local = client_metrics.get(server_round, {}).get("local-accuracy")
+        rows.append({"round": server_round, "accuracy": round(float(accuracy[server_round]["accuracy"]), 6),
+                     "client_accuracy": "" if local is None else round(float(local), 6),
+                     "uplink_bytes": t.uplink_bytes, "downlink_bytes": t.downlink_bytes,
+                     "cumulative_uplink_bytes": cumulative, "replies_ok": t.messages_sent - len(t.failures),
+                     "clients_failed": len(t.failures), "seconds": round(seconds.get(server_round, 0.0), 3),
+                     "failure_reasons": "; ".join(f"node {n}: {reason}" for n, reason in t.failures)})
+    return rows
+
+
+def make_server_app(settings: FedSettings | None = None) -> ServerApp:
+    """A ServerApp that runs with `settings` (None: read them from the run config, as under `flwr run`)."""
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(grid, settings or FedSettings.from_config(context.run_config))
+
+    return server
+
+
+app = make_server_app()

@@ -1,0 +1,114 @@
+"""One flat set of federated-run settings shared by the ServerApp, the ClientApp, `fedcl simulate` and the
+`[tool.flwr.app.config]` table.
+
+Each field has one name everywhere: `local_epochs` here is `local-epochs` in a run config, in the ConfigRecord the
+server sends and in the CLI (`--local-epochs`).  The server reads the run config and forwards the whole table to the
+clients inside every instruction, so clients need no configuration of their own beyond their node config
+(`partition-id`, `num-partitions`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+STRATEGIES = ("fedavg", "fed-distill", "hybrid")
+
+
+@dataclass(frozen=True)
+class FedSettings:
+    """Settings of a federated run (defaults: a CPU-sized run on the embedded digits dataset).
+
+    Data: dataset, data_root ("" = the dataset's default place), partitioner (iid, dirichlet, classes), alpha
+    (Dirichlet concentration), classes_per_client (k of the "classes" partitioner), seed.
+    Model: model, width, depth, norm (see `fedcl.models.create_model`).
+    Strategy: strategy (fedavg, fed-distill, hybrid), num_rounds, fraction_train, fraction_evaluate,
+    min_nodes (clients a round waits for), round_timeout (seconds).
+    Client distillation (fed-distill, hybrid): ipc (images per class), distill_iterations, batch_real,
+    guide_noise (relative perturbation of the global model's weights when clients distil against it),
+    upload_dtype (wire format of the synthetic images: float32, or float16 for half the uplink).
+    Client training (fedavg, hybrid): local_epochs, local_lr, local_batch_size.
+    Server training on the pooled synthetic memory: server_epochs (fed-distill, every round), finetune_epochs
+    (hybrid, after every aggregation), server_lr, server_batch_size (small pools need small batches to get
+    enough steps per epoch), memory ("all" sets ever received or each client's "latest").
+    Output: out_dir (rounds.csv, plots, summary), device ("auto" = CUDA when present).
+    """
+
+    dataset: str = "digits"
+    data_root: str = ""
+    partitioner: str = "dirichlet"
+    alpha: float = 0.5
+    classes_per_client: int = 2
+    seed: int = 0
+    model: str = "convnet"
+    width: int = 32
+    depth: int = 3
+    norm: str = "instancenorm"
+    strategy: str = "fed-distill"
+    num_rounds: int = 1
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 0.0
+    min_nodes: int = 2
+    round_timeout: float = 3600.0
+    ipc: int = 10
+    distill_iterations: int = 100
+    batch_real: int = 64
+    guide_noise: float = 0.05
+    upload_dtype: str = "float32"
+    local_epochs: int = 1
+    local_lr: float = 0.01
+    local_batch_size: int = 64
+    server_epochs: int = 100
+    finetune_epochs: int = 10
+    server_lr: float = 0.01
+    server_batch_size: int = 64
+    memory: str = "all"
+    out_dir: str = "runs/flower"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {list(STRATEGIES)}")
+        if self.upload_dtype not in ("float32", "float16"):
+            raise ValueError(f"upload-dtype must be 'float32' or 'float16', got {self.upload_dtype!r}")
+        if self.memory not in ("all", "latest"):
+            raise ValueError(f"memory must be 'all' or 'latest', got {self.memory!r}")
+        if self.num_rounds < 1 or self.ipc < 1 or self.min_nodes < 1:
+            raise ValueError("num-rounds, ipc and min-nodes must be >= 1")
+
+    @property
+    def model_cfg(self) -> dict[str, Any]:
+        """Options for `create_model(self.model, ...)`."""
+        if self.model == "convnet":
+            return {"width": self.width, "depth": self.depth, "norm": self.norm}
+        if self.model == "mlp":
+            return {"width": self.width, "depth": self.depth}
+        return {}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], **overrides: Any) -> FedSettings:
+        """Read kebab-case keys (a run config or a ConfigRecord), ignoring keys it does not know (such as
+        `server-round`); values are converted to each field's type; `overrides` (snake_case) win."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            if key in config:
+                values[f.name] = _coerce(config[key], type(getattr(_DEFAULTS, f.name)), key)
+        return cls(**{**values, **overrides})
+
+    def to_config(self) -> dict[str, Any]:
+        """The settings as kebab-case keys with str/int/float values (fits a ConfigRecord or a run config)."""
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+
+def _coerce(value: Any, kind: type, key: str) -> Any:
+    try:
+        if kind is bool:
+            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config key {key!r} must be of type {kind.__name__}, got {value!r}") from None
+
+
+_DEFAULTS = FedSettings()

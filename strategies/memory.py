@@ -1,0 +1,67 @@
+"""The server's pooled memory of clients' synthetic sets, and training a global model on it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from flwr.app import ArrayRecord, Message
+
+from fedcl.flower.records import arrays_to_model, model_to_arrays, synset_from_record
+from fedcl.models import create_model
+from fedcl.synthetic import SyntheticSet, SyntheticSetError
+from fedcl.train import TrainConfig, train_model
+from strategies.traffic import TrafficLog
+
+
+class SyntheticMemory:
+    """Validated synthetic sets by client node: every set ever received ("all") or each client's "latest".
+
+    image_shape / n_classes: what every set must match.  max_images / max_bytes: per-set ceilings; a set above
+    them is rejected as oversize.
+    """
+
+    def __init__(self, *, image_shape: tuple[int, int, int], n_classes: int, max_images: int, max_bytes: int,
+                 policy: str = "all") -> None:
+        if policy not in ("all", "latest"):
+            raise ValueError(f"memory policy must be 'all' or 'latest', got {policy!r}")
+        self.image_shape, self.n_classes, self.policy = tuple(image_shape), n_classes, policy
+        self.max_images, self.max_bytes = max_images, max_bytes
+        self.sets: dict[int, list[SyntheticSet]] = {}
+
+    def accept(self, server_round: int, replies: Iterable[Message], traffic: TrafficLog) -> int:
+        """Decode and store the synthetic set of every successful reply; a malformed one is a failure with its
+        reason.  Returns how many sets were accepted."""
+        accepted = 0
+        for reply in replies:
+            if reply.has_error():
+                continue  # already counted by the metered grid
+            node = int(reply.metadata.src_node_id)
+            try:
+                synset = synset_from_record(reply.content, image_shape=self.image_shape, n_classes=self.n_classes,
+                                            max_images=self.max_images, max_bytes=self.max_bytes)
+            except SyntheticSetError as err:
+                traffic.fail(server_round, node, f"rejected synthetic set: {err}")
+                continue
+            kept = self.sets.get(node, []) if self.policy == "all" else []
+            self.sets[node] = [*kept, synset]
+            accepted += 1
+        return accepted
+
+    def __len__(self) -> int:
+        return sum(len(s) for sets in self.sets.values() for s in sets)
+
+    def pooled(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All stored images and hard labels, concatenated."""
+        sets = [s for group in self.sets.values() for s in group]
+        return torch.cat([s.images for s in sets]), torch.cat([s.hard_labels for s in sets])
+
+
+def train_on_memory(arrays: ArrayRecord, memory: SyntheticMemory, *, model: str, model_cfg: dict,
+                    config: TrainConfig, device: str, seed: int) -> ArrayRecord:
+    """Continue training the model in `arrays` on the pooled memory; return the new weights."""
+    net = create_model(model, memory.image_shape, memory.n_classes, **model_cfg)
+    arrays_to_model(net, arrays)
+    images, labels = memory.pooled()
+    train_model(net, images, labels, config, device=device, seed=seed)
+    return model_to_arrays(net)

@@ -1,0 +1,67 @@
+"""Client partitions: reproducible by seed, disjoint, Dirichlet skew and k classes per client, histograms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedcl.data import (class_histogram, format_histogram, load_dataset, partition, partition_classes,
+                        partition_dirichlet, plot_histogram)
+
+
+@pytest.fixture(scope="module")
+def labels() -> torch.Tensor:
+    return load_dataset("digits").train_labels
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "classes"])
+def test_partitions_are_reproducible_disjoint_and_complete(labels, scheme):
+    parts = partition(labels, 5, scheme, alpha=0.3, k=2, seed=3)
+    again = partition(labels, 5, scheme, alpha=0.3, k=2, seed=3)
+    other = partition(labels, 5, scheme, alpha=0.3, k=2, seed=4)
+    assert all(torch.equal(a, b) for a, b in zip(parts, again))
+    assert not all(torch.equal(a, b) for a, b in zip(parts, other))
+    everything = torch.cat(parts)
+    assert everything.unique().numel() == everything.numel()  # disjoint
+    if scheme != "classes":
+        assert everything.numel() == labels.numel()  # complete
+    assert all(p.numel() > 0 for p in parts)
+
+
+def _dominance(labels: torch.Tensor, parts: list[torch.Tensor]) -> float:
+    """Mean share of each client's most frequent class (1/n_classes for perfectly balanced clients)."""
+    hist = class_histogram(labels, parts).float()
+    return float((hist.max(dim=1).values / hist.sum(dim=1)).mean())
+
+
+def test_dirichlet_skew_grows_as_alpha_shrinks(labels):
+    skewed = _dominance(labels, partition_dirichlet(labels, 10, alpha=0.1, seed=0))
+    mild = _dominance(labels, partition_dirichlet(labels, 10, alpha=100.0, seed=0))
+    iid = _dominance(labels, partition(labels, 10, "iid", seed=0))
+    assert skewed > 0.4 > mild and abs(mild - iid) < 0.05
+
+
+def test_k_classes_per_client(labels):
+    parts = partition_classes(labels, 5, k=2, seed=0)
+    hist = class_histogram(labels, parts, 10)
+    assert ((hist > 0).sum(dim=1) == 2).all()
+    assert ((hist > 0).sum(dim=0) >= 1).all()  # 5 clients x 2 classes cover all 10 classes
+
+
+def test_bad_arguments_are_clear_errors(labels):
+    with pytest.raises(ValueError, match="alpha"):
+        partition_dirichlet(labels, 3, alpha=0)
+    with pytest.raises(ValueError, match="unknown partition scheme"):
+        partition(labels, 3, "shards")
+    with pytest.raises(ValueError, match="k"):
+        partition_classes(labels, 3, k=11)
+
+
+def test_histogram_table_and_png(labels, tmp_path):
+    parts = partition(labels, 3, "dirichlet", alpha=0.5, seed=0)
+    hist = class_histogram(labels, parts, 10)
+    table = format_histogram(hist)
+    assert table.splitlines()[0].split()[0] == "client" and len(table.splitlines()) == 4
+    assert table.splitlines()[1].split()[-1] == str(parts[0].numel())
+    png = plot_histogram(hist, tmp_path / "h.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
