@@ -96,7 +96,7 @@ def train_with_learned_lrs(model: nn.Module, images: torch.Tensor, labels: torch
             for p, g in zip(params, grads):
                 if g is not None:
                     p.sub_(lr * g)
-        history.append(float(loss))
+        history.append(float(loss.detach()))
     return history
 
 

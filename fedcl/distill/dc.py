@@ -105,7 +105,7 @@ class GradientMatching(Distiller):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total += float(loss)
+                total += float(loss.detach())
                 if ol < outer - 1:
                     train_model(net, syn.detach(), syn_labels, inner_config, device=self.device,
                                 seed=self.seed + it * outer + ol)
