@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from fedcl.augment import DEFAULT_STRATEGY, DSA
 from fedcl.data.sampling import ClassIndex
 from fedcl.distill.base import DistillResult, Distiller, ProgressCallback, register
-from fedcl.distill.functional import class_batches, initial_images, per_class_gradients
+from fedcl.distill.functional import class_batches, initial_images, per_class_gradients, unfused
 from fedcl.runtime import generator as make_generator
 from fedcl.train import TrainConfig, train_model
 
@@ -98,6 +98,7 @@ class GradientMatching(Distiller):
         bar = tqdm(range(self.iterations), desc=self.name, disable=not self.progress)
         for it in bar:
             net = self.new_model(tuple(images.shape[1:]), n_classes, self.seed * 1_000_003 + it)
+            unfused(net)
             replace_all_batch_norm_modules_(net)  # batch statistics only: vmap cannot update running buffers
             total = 0.0
             for ol in range(outer):

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from fedcl.data.sampling import ClassIndex
 from fedcl.distill.base import DistillResult, Distiller, ProgressCallback, register
-from fedcl.distill.functional import FlatParams, class_batches, initial_images, label_logits, unrolled_sgd
+from fedcl.distill.functional import FlatParams, class_batches, initial_images, label_logits, unfused, unrolled_sgd
 from fedcl.runtime import generator as make_generator
 
 
@@ -61,7 +61,7 @@ class DatasetDistillation(Distiller):
         gen = make_generator(self.seed)
         index = ClassIndex(labels, n_classes)
         in_shape = tuple(images.shape[1:])
-        flat = FlatParams(self.new_model(in_shape, n_classes, self.seed))
+        flat = FlatParams(unfused(self.new_model(in_shape, n_classes, self.seed)))
         fixed_p0 = flat.flatten()
         syn, syn_labels = initial_images(images, index, ipc, gen, self.init, self.device)
         syn.requires_grad_(True)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from fedcl.augment import DEFAULT_STRATEGY, DSA
 from fedcl.data.sampling import ClassIndex
 from fedcl.distill.base import DistillResult, Distiller, ProgressCallback, register
-from fedcl.distill.functional import FlatParams, initial_images, label_logits, unrolled_sgd
+from fedcl.distill.functional import FlatParams, initial_images, label_logits, unfused, unrolled_sgd
 from fedcl.files import atomic_write
 from fedcl.runtime import generator as make_generator
 from fedcl.train import TrainConfig, train_model
@@ -181,7 +181,7 @@ class TrajectoryMatching(Distiller):
     def _distill(self, images, labels, ipc, n_classes, callback: ProgressCallback | None) -> DistillResult:
         in_shape = tuple(images.shape[1:])
         buffer = self.expert_buffer(images, labels, n_classes)
-        flat = FlatParams(self.new_model(in_shape, n_classes, self.seed))
+        flat = FlatParams(unfused(self.new_model(in_shape, n_classes, self.seed)))
         buffer.check(expert_identity(self, in_shape, n_classes), flat.size,
                      self.max_start_epoch - 1 + self.expert_epochs)
         gen = make_generator(self.seed)
