@@ -35,7 +35,7 @@ def _mean_match_loss(distiller, data, syn, labels):
 
 @pytest.mark.parametrize("name", ["dc", "dsa"])
 def test_gradient_matching_lowers_its_loss(digits, name):
-    options = {"iterations": 12, "batch_real": 32, "lr_img": 0.01}
+    options = {"iterations": 12, "batch_real": 32, "lr_img": 0.001}
     start = create_distiller(name, **SMALL, **{**options, "iterations": 0})
     before = start.distill(digits.train_images, digits.train_labels, ipc=1, n_classes=10)
     distiller, after = _distill(name, digits, **options)
