@@ -153,7 +153,7 @@ class TrajectoryMatching(Distiller):
     name = "mtt"
 
     def __init__(self, *, iterations: int = 500, syn_steps: int = 10, batch_syn: int | None = None,
-                 expert_epochs: int = 2, max_start_epoch: int = 2, lr_img: float = 100.0, lr_lr: float = 1e-5,
+                 expert_epochs: int = 2, max_start_epoch: int = 2, lr_img: float = 10.0, lr_lr: float = 1e-5,
                  momentum: float = 0.5, lr_teacher: float = 0.01, experts: str | None = None, n_experts: int = 2,
                  expert_train_epochs: int = 3, init: str = "real", dsa: bool = True,
                  dsa_strategy: str = DEFAULT_STRATEGY, learn_labels: bool = False, **base) -> None:
