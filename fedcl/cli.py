@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default=None, choices=["real", "noise"], help="DM: start from real images or noise")
     p.add_argument("--no-dsa", action="store_true", help="DM: no differentiable siamese augmentation")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other option of the method (repeatable; VALUE parsed as JSON, else a string), "
+                        "e.g. --opt learn_labels=true --opt experts=runs/experts")
     p.add_argument("--out", required=False, default=None, help="output directory (default runs/<method>-<dataset>)")
     _add_eval(p, 0)
 
@@ -111,6 +114,22 @@ def _train_config(args: argparse.Namespace):
     return TrainConfig(epochs=args.eval_epochs, dsa=not args.no_eval_dsa)
 
 
+def _method_options(pairs: list[str]) -> dict[str, Any]:
+    """`--opt KEY=VALUE` pairs as distiller options (VALUE as JSON when it parses, else the raw string)."""
+    import json
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--opt expects KEY=VALUE, got {pair!r}")
+        try:
+            options[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.replace("-", "_")] = value
+    return options
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     from fedcl.distill import available_distillers
 
@@ -130,6 +149,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
               "dsa": False if args.no_dsa else None, "amp": args.amp or None}
     accepted = accepted_options(args.method)
     options = {k: v for k, v in wanted.items() if v is not None and k in accepted}
+    options.update(_method_options(args.opt))
     distiller = create_distiller(args.method, model=args.model, model_cfg=_model_cfg(args), device=args.device,
                                  seed=args.seed, progress=True, **options)
     print(f"distilling {dataset!r} with {args.method} ({args.ipc} images per class) on {distiller.device}")

@@ -72,6 +72,39 @@ def train_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, co
     return history
 
 
+def train_with_learned_lrs(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, lrs: torch.Tensor, *,
+                           device: str | torch.device = "auto") -> list[float]:
+    """Train `model` in place the way a Dataset Distillation set was made: one full-batch gradient step on
+    (images, labels) per learned step size in `lrs` (no momentum, weight decay or augmentation).
+
+    Returns the loss before each step.
+    """
+    device = resolve_device(device)
+    model.to(device).train()
+    images, labels = images.to(device), labels.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    history: list[float] = []
+    for lr in lrs.tolist():
+        loss = F.cross_entropy(model(images), labels)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                if g is not None:
+                    p.sub_(lr * g)
+        history.append(float(loss.detach()))
+    return history
+
+
+def _learned_init_network(synset: SyntheticSet, dataset: ImageDataset) -> nn.Module:
+    """The known initialisation a fixed-init Dataset Distillation set was distilled for (from its metadata)."""
+    extra = synset.meta.extra
+    seed, model, cfg = extra.get("init_seed"), extra.get("model", "convnet"), extra.get("model_cfg", {})
+    if isinstance(seed, bool) or not isinstance(seed, int) or not isinstance(model, str) or not isinstance(cfg, dict):
+        raise ValueError("a fixed-init set needs integer meta.extra['init_seed'], a model name and a model_cfg dict")
+    with seeded(seed):
+        return create_model(model, dataset.image_shape, dataset.n_classes, **cfg)
+
+
 @torch.no_grad()
 def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
                    device: str | torch.device = "auto", batch_size: int = 1024) -> float:
@@ -114,13 +147,24 @@ class EvalResult:
 def evaluate_synthetic(synset: SyntheticSet, dataset: ImageDataset, *, model: str = "convnet",
                        model_cfg: dict | None = None, n_models: int = 3, config: TrainConfig = TrainConfig(),
                        device: str | torch.device = "auto", seed: int = 0, progress: bool = False) -> EvalResult:
-    """Train `n_models` fresh networks on `synset` and test each on `dataset`'s test split."""
+    """Train `n_models` fresh networks on `synset` and test each on `dataset`'s test split.
+
+    A set with learned step sizes (`synset.lrs`, Dataset Distillation) is trained by replaying them
+    (`train_with_learned_lrs`, `config` unused); one distilled for a fixed initialisation
+    (meta.extra["init_mode"] == "fixed") starts every network from that initialisation and architecture.
+    """
     synset.validate(image_shape=dataset.image_shape, n_classes=dataset.n_classes)
     model_cfg = dict(model_cfg or {})
     accuracies = []
     for i in tqdm(range(n_models), desc=f"evaluate {synset.meta.method}", disable=not progress, leave=False):
-        with seeded(seed * 1000 + i):
-            net = create_model(model, dataset.image_shape, dataset.n_classes, **model_cfg)
-        train_model(net, synset.images, synset.labels, config, device=device, seed=seed * 1000 + i)
+        if synset.lrs is not None and synset.meta.extra.get("init_mode") == "fixed":
+            net = _learned_init_network(synset, dataset)
+        else:
+            with seeded(seed * 1000 + i):
+                net = create_model(model, dataset.image_shape, dataset.n_classes, **model_cfg)
+        if synset.lrs is not None:
+            train_with_learned_lrs(net, synset.images, synset.labels, synset.lrs, device=device)
+        else:
+            train_model(net, synset.images, synset.labels, config, device=device, seed=seed * 1000 + i)
         accuracies.append(evaluate_model(net, dataset.test_images, dataset.test_labels, device=device))
     return EvalResult(accuracies, model, config.epochs, model_cfg)

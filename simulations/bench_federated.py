@@ -31,8 +31,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from fedcl.files import atomic_write
-from fedcl.flower.settings import FedSettings
 from fedcl.flower.results import plot_accuracy, summarise
+from fedcl.flower.settings import FedSettings
 from fedcl.flower.simulation import simulate
 
 VARIANTS = ("fedavg", "one-shot", "multi-round", "hybrid")

@@ -13,7 +13,7 @@ from fedcl.avalanche.benchmarks import LabelledTensors, make_benchmark, permute_
 from fedcl.avalanche.buffer import DistilledBuffer, truncate  # noqa: E402
 from fedcl.avalanche.plugin import SoftReplayLoss, fit_columns  # noqa: E402
 from fedcl.data import ClassIndex, load_dataset  # noqa: E402
-from fedcl.distill.base import DistillResult, Distiller  # noqa: E402
+from fedcl.distill.base import Distiller, DistillResult  # noqa: E402
 from fedcl.runtime import generator  # noqa: E402
 from fedcl.synthetic import SyntheticSetError  # noqa: E402
 

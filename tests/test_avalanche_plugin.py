@@ -12,12 +12,12 @@ pytest.importorskip("avalanche")
 from avalanche.benchmarks.utils.data_loader import ReplayDataLoader  # noqa: E402
 from avalanche.training import Naive  # noqa: E402
 from avalanche.training.plugins import SupervisedPlugin  # noqa: E402
+from test_avalanche_buffer import SoftLabelDistiller  # noqa: E402
 
 from fedcl.avalanche import DistilledReplayPlugin, make_benchmark  # noqa: E402
 from fedcl.avalanche.plugin import SoftReplayLoss  # noqa: E402
 from fedcl.cli import main  # noqa: E402
 from fedcl.models import create_model  # noqa: E402
-from test_avalanche_buffer import SoftLabelDistiller  # noqa: E402
 
 
 class Spy(SupervisedPlugin):

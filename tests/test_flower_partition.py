@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedcl.data import (class_histogram, format_histogram, load_dataset, partition, partition_classes,
-                        partition_dirichlet, plot_histogram)
+from fedcl.data import (
+    class_histogram,
+    format_histogram,
+    load_dataset,
+    partition,
+    partition_classes,
+    partition_dirichlet,
+    plot_histogram,
+)
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,23 @@ from fedcl.distill.base import (
     register,
 )
 from fedcl.distill.coreset import HerdingCoreset, RandomCoreset
+from fedcl.distill.dc import GradientMatching, SiameseGradientMatching
+from fedcl.distill.dd import DatasetDistillation
 from fedcl.distill.dm import DistributionMatching
+from fedcl.distill.mtt import ExpertBuffer, TrajectoryMatching
 
 __all__ = [
     "DistillResult",
     "Distiller",
+    "DatasetDistillation",
     "DistributionMatching",
+    "GradientMatching",
+    "ExpertBuffer",
     "HerdingCoreset",
     "RandomCoreset",
+    "SiameseGradientMatching",
     "Source",
+    "TrajectoryMatching",
     "available_distillers",
     "create_distiller",
     "distiller_class",

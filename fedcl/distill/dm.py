@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from fedcl.augment import DEFAULT_STRATEGY, DSA
 from fedcl.data.sampling import ClassIndex
 from fedcl.distill.base import Distiller, DistillResult, ProgressCallback, register
+from fedcl.distill.functional import initial_images
 from fedcl.runtime import autocast
 from fedcl.runtime import generator as make_generator
 
@@ -78,12 +79,7 @@ class DistributionMatching(Distiller):
     def initial_images(self, images: torch.Tensor, index: ClassIndex, ipc: int,
                        gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """`ipc` starting images per present class (real samples or noise), channels_last, and their labels."""
-        picks, classes = index.sample(ipc, gen, exact=True)
-        if self.init == "real":
-            syn = images[picks.to(self.device)].clone()
-        else:
-            syn = torch.randn((len(picks), *images.shape[1:]), generator=gen).to(self.device)
-        return syn.contiguous(memory_format=torch.channels_last), classes
+        return initial_images(images, index, ipc, gen, self.init, self.device)
 
     def step(self, images: torch.Tensor, index: ClassIndex, syn: torch.Tensor, syn_groups: torch.Tensor,
              group_of: torch.Tensor, gen: torch.Generator, net_seed: int) -> torch.Tensor:
