@@ -97,6 +97,15 @@ class Distiller(ABC):
         synset = SyntheticSet(result.images, result.labels, meta, result.lrs).detach()
         return synset.validate()
 
+    @staticmethod
+    def record(losses: list[float], loss: float, iteration: int, bar: Any,
+               callback: ProgressCallback | None) -> None:
+        """Per-iteration bookkeeping shared by the iterative methods: keep the loss, show it, call back."""
+        losses.append(loss)
+        bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+        if callback is not None:
+            callback(iteration, loss)
+
     @abstractmethod
     def _distill(self, images: torch.Tensor, labels: torch.Tensor, ipc: int, n_classes: int,
                  callback: ProgressCallback | None) -> DistillResult:

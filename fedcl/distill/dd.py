@@ -92,10 +92,7 @@ class DatasetDistillation(Distiller):
             loss.backward()
             optimizer.step()
             scheduler.step()
-            losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
-            if callback is not None:
-                callback(it, losses[-1])
+            self.record(losses, float(loss.detach()), it, bar, callback)
         out_labels = logits.detach().softmax(dim=1).float() if self.learn_labels else syn_labels
         return DistillResult(syn.detach(), out_labels, lrs=F.softplus(raw_lrs).detach(), extra={
             "iterations": self.iterations, "steps": self.steps, "init_mode": self.init_mode,

@@ -67,10 +67,7 @@ class DistributionMatching(Distiller):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
-            if callback is not None:
-                callback(it, losses[-1])
+            self.record(losses, float(loss.detach()), it, bar, callback)
         return DistillResult(syn.detach(), syn_labels, extra={
             "iterations": self.iterations, "batch_real": self.batch_real, "init": self.init,
             "dsa": self.augment is not None, "first_loss": losses[0] if losses else None,

@@ -203,10 +203,7 @@ class TrajectoryMatching(Distiller):
             loss.backward()
             optimizer_img.step()
             optimizer_lr.step()
-            losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
-            if callback is not None:
-                callback(it, losses[-1])
+            self.record(losses, float(loss.detach()), it, bar, callback)
         out_labels = logits.detach().softmax(dim=1).float() if self.learn_labels else syn_labels
         return DistillResult(syn.detach(), out_labels, extra={
             "iterations": self.iterations, "syn_steps": self.syn_steps, "expert_epochs": self.expert_epochs,
