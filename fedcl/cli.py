@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="distil a dataset into a synthetic set",
                        description="Distil a dataset's training split into IPC synthetic images per class; write "
-                                   "OUT/synthetic.safetensors (+ .json), OUT/grid.png and OUT/report.json.")
+                                   "OUT/synthetic.safetensors (+ .json), OUT/grid.png and OUT/report.json, and "
+                                   "for iterative methods OUT/checkpoint.safetensors (see --resume).")
     _add_common(p)
     _add_model(p)
     p.add_argument("--method", default="dm", help="distiller name (see `fedcl distill --list`)")
@@ -67,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default=None, choices=["real", "noise"], help="DM: start from real images or noise")
     p.add_argument("--no-dsa", action="store_true", help="DM: no differentiable siamese augmentation")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
+    p.add_argument("--dp-epsilon", type=float, default=None,
+                   help="DM: differentially private distillation spending at most this epsilon over the run "
+                        "(starts from noise; spent epsilon and delta go to report.json)")
+    p.add_argument("--dp-delta", type=float, default=None, help="DM with --dp-epsilon: delta (default 1e-5)")
+    p.add_argument("--dp-clip", type=float, default=None,
+                   help="DM with --dp-epsilon: L2 clip norm of each real embedding (default sqrt(D)/2)")
+    p.add_argument("--checkpoint-every", type=int, default=50,
+                   help="write OUT/checkpoint.safetensors every N iterations (default 50; 0: never)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from OUT/checkpoint.safetensors (same options and seed)")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="any other option of the method (repeatable; VALUE parsed as JSON, else a string), "
                         "e.g. --opt learn_labels=true --opt experts=runs/experts")
@@ -146,12 +157,20 @@ def cmd_distill(args: argparse.Namespace) -> int:
     dataset = load_dataset(args.dataset, args.data_root, args.download)
     out = Path(args.out or f"runs/{args.method}-{dataset.name}")
     wanted = {"iterations": args.iterations, "batch_real": args.batch_real, "init": args.init,
-              "dsa": False if args.no_dsa else None, "amp": args.amp or None}
+              "dsa": False if args.no_dsa else None, "amp": args.amp or None, "dp_epsilon": args.dp_epsilon,
+              "dp_delta": args.dp_delta, "dp_clip": args.dp_clip}
     accepted = accepted_options(args.method)
+    dp_flags = [f"--{k.replace('_', '-')}" for k in ("dp_epsilon", "dp_delta", "dp_clip") if wanted[k] is not None]
+    if dp_flags and "dp_epsilon" not in accepted:
+        raise ValueError(f"{', '.join(dp_flags)}: differential privacy is implemented for --method dm only, "
+                         f"not {args.method!r}")
+    if args.dp_epsilon is None and dp_flags:
+        raise ValueError(f"{', '.join(dp_flags)} need --dp-epsilon")
     options = {k: v for k, v in wanted.items() if v is not None and k in accepted}
     options.update(_method_options(args.opt))
     distiller = create_distiller(args.method, model=args.model, model_cfg=_model_cfg(args), device=args.device,
-                                 seed=args.seed, progress=True, **options)
+                                 seed=args.seed, progress=True, checkpoint_dir=out,
+                                 checkpoint_every=args.checkpoint_every, resume=args.resume, **options)
     print(f"distilling {dataset!r} with {args.method} ({args.ipc} images per class) on {distiller.device}")
     synset = distiller.distill(dataset.train_images, dataset.train_labels, ipc=args.ipc,
                                n_classes=dataset.n_classes, source=Source.of(dataset))

@@ -4,21 +4,30 @@ A distiller is configured once (hyper-parameters, model, device, seed) and calle
 `distiller.distill(images, labels, ipc=10, n_classes=10, source=Source.of(dataset)) -> SyntheticSet`.
 Subclasses implement `_distill` and return a `DistillResult`; the base class checks the input, times the run and
 wraps the result in a validated `SyntheticSet` with its metadata.
+
+Iterative methods keep their loop state in a `LoopState` (`loop_state`), iterate over `progress_bar(state)` and
+call `record` after every iteration; with `checkpoint_dir` set, `record` writes a checkpoint every
+`checkpoint_every` iterations and `resume=True` continues from it to the same result as an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import inspect
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from fedcl.data.datasets import ImageDataset
+from fedcl.distill.checkpoint import LoopState
 from fedcl.models import create_model
 from fedcl.runtime import resolve_device, seeded
 from fedcl.synthetic import SyntheticMeta, SyntheticSet
@@ -56,17 +65,29 @@ class Distiller(ABC):
     model / model_cfg: the network family used inside the method (`create_model` name and options).
     device: "auto" (CUDA when present), "cpu" or "cuda[:i]".  seed: makes every run reproducible.
     progress: show a progress bar over iterations.
+    checkpoint_dir: directory for `checkpoint.safetensors` (None: no checkpoints).  checkpoint_every: iterations
+    between checkpoints (and one after the last).  resume: continue from the checkpoint in checkpoint_dir.
     """
 
     name: ClassVar[str]
+    #: Attributes that do not change the result, left out of a checkpoint's identity.
+    _RUN_ONLY: ClassVar[frozenset[str]] = frozenset({"device", "progress", "checkpoint_dir", "checkpoint_every",
+                                                     "resume"})
 
     def __init__(self, *, model: str = "convnet", model_cfg: dict[str, Any] | None = None,
-                 device: str | torch.device = "auto", seed: int = 0, progress: bool = False) -> None:
+                 device: str | torch.device = "auto", seed: int = 0, progress: bool = False,
+                 checkpoint_dir: str | Path | None = None, checkpoint_every: int = 50, resume: bool = False) -> None:
         self.model = model
         self.model_cfg = dict(model_cfg or {})
         self.device = resolve_device(device)
         self.seed = int(seed)
         self.progress = progress
+        if checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0 (0: never), got {checkpoint_every}")
+        if resume and checkpoint_dir is None:
+            raise ValueError("resume needs checkpoint_dir, the directory holding the checkpoint")
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.checkpoint_every, self.resume = checkpoint_every, resume
 
     def new_model(self, in_shape: tuple[int, int, int], n_classes: int, seed: int) -> nn.Module:
         """A freshly initialised network on the distiller's device, channels_last when it is convolutional."""
@@ -97,19 +118,66 @@ class Distiller(ABC):
         synset = SyntheticSet(result.images, result.labels, meta, result.lrs).detach()
         return synset.validate()
 
-    @staticmethod
-    def record(losses: list[float], loss: float, iteration: int, bar: Any,
+    @property
+    def checkpoint_path(self) -> Path | None:
+        """Where this distiller's checkpoint lives (None without checkpoint_dir)."""
+        return None if self.checkpoint_dir is None else self.checkpoint_dir / "checkpoint.safetensors"
+
+    def loop_state(self, images: torch.Tensor, labels: torch.Tensor, ipc: int, n_classes: int,
+                   generator: torch.Generator, tensors: dict[str, torch.Tensor],
+                   optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any] | None = None) -> LoopState:
+        """The loop's state, restored from the checkpoint when resuming (then `state.start` > 0)."""
+        state = LoopState(generator, tensors, optimizers, self.identity(images, labels, ipc, n_classes),
+                          dict(schedulers or {}))
+        if self.resume:
+            state.load(self.checkpoint_path, getattr(self, "iterations"))
+        return state
+
+    def progress_bar(self, state: LoopState) -> Any:
+        """The iterations still to run, from `state.start`, with a progress bar when asked for."""
+        total = getattr(self, "iterations")
+        return tqdm(range(state.start, total), initial=state.start, total=total, desc=self.name,
+                    disable=not self.progress)
+
+    def record(self, state: LoopState, loss: float, iteration: int, bar: Any,
                callback: ProgressCallback | None) -> None:
-        """Per-iteration bookkeeping shared by the iterative methods: keep the loss, show it, call back."""
-        losses.append(loss)
+        """Per-iteration bookkeeping shared by the iterative methods: keep the loss, show it, call back, and
+        checkpoint every `checkpoint_every` iterations and after the last."""
+        state.losses.append(loss)
         bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
         if callback is not None:
             callback(iteration, loss)
+        done = iteration + 1
+        if self.checkpoint_path is not None and self.checkpoint_every > 0 and (
+                done % self.checkpoint_every == 0 or done == getattr(self, "iterations")):
+            state.save(self.checkpoint_path, done)
+
+    def identity(self, images: torch.Tensor, labels: torch.Tensor, ipc: int, n_classes: int) -> dict[str, Any]:
+        """What a checkpoint must share with this run to be resumed: method, options, sizes and the data's hash."""
+        digest = hashlib.sha256()
+        for t in (images, labels):
+            digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+        options = {k: _plain(v) for k, v in sorted(vars(self).items()) if k not in self._RUN_ONLY}
+        return {"method": self.name, "ipc": ipc, "n_classes": n_classes, "data_shape": list(images.shape),
+                "data_sha256": digest.hexdigest(), "options": options}
 
     @abstractmethod
     def _distill(self, images: torch.Tensor, labels: torch.Tensor, ipc: int, n_classes: int,
                  callback: ProgressCallback | None) -> DistillResult:
         """Method-specific work on validated inputs (images float, labels int64 in range)."""
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready description of an option value (dataclasses as dicts, other objects by their repr)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value))
+    return repr(value) if type(value).__repr__ is not object.__repr__ else type(value).__name__
 
 
 _REGISTRY: dict[str, type[Distiller]] = {}

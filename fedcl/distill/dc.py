@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 from torch.func import replace_all_batch_norm_modules_
-from tqdm.auto import tqdm
 
 from fedcl.augment import DEFAULT_STRATEGY, DSA
 from fedcl.data.sampling import ClassIndex
@@ -94,8 +93,8 @@ class GradientMatching(Distiller):
         inner_config = TrainConfig(epochs=inner, lr=self.lr_net, momentum=0.0, weight_decay=0.0,
                                    batch_size=self.batch_train, decay_at=1.0, dsa=self.augment is not None,
                                    dsa_strategy=self.dsa_strategy)
-        losses = []
-        bar = tqdm(range(self.iterations), desc=self.name, disable=not self.progress)
+        state = self.loop_state(images, labels, ipc, n_classes, gen, {"images": syn}, {"images": optimizer})
+        bar = self.progress_bar(state)
         for it in bar:
             net = self.new_model(tuple(images.shape[1:]), n_classes, self.seed * 1_000_003 + it)
             unfused(net)
@@ -110,10 +109,8 @@ class GradientMatching(Distiller):
                 if ol < outer - 1:
                     train_model(net, syn.detach(), syn_labels, inner_config, device=self.device,
                                 seed=self.seed + it * outer + ol)
-            losses.append(total / (outer * len(index.present)))
-            bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
-            if callback is not None:
-                callback(it, losses[-1])
+            self.record(state, total / (outer * len(index.present)), it, bar, callback)
+        losses = state.losses
         return DistillResult(syn.detach(), syn_labels, extra={
             "iterations": self.iterations, "outer_loop": outer, "inner_loop": inner, "batch_real": self.batch_real,
             "init": self.init, "dsa": self.augment is not None,

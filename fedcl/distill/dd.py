@@ -22,7 +22,6 @@ import math
 
 import torch
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from fedcl.data.sampling import ClassIndex
 from fedcl.distill.base import Distiller, DistillResult, ProgressCallback, register
@@ -79,8 +78,10 @@ class DatasetDistillation(Distiller):
         def step_loss(k: int, p: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(flat(p, x), y)
 
-        losses = []
-        bar = tqdm(range(self.iterations), desc=self.name, disable=not self.progress)
+        state = self.loop_state(images, labels, ipc, n_classes, gen, {"images": syn, "raw_lrs": raw_lrs,
+                                                                       "label_logits": logits},
+                                {"adam": optimizer}, {"decay": scheduler})
+        bar = self.progress_bar(state)
         for it in bar:
             p0 = fixed_p0 if self.init_mode == "fixed" else flat.flatten(
                 self.new_model(in_shape, n_classes, self.seed * 1_000_003 + it + 1))
@@ -92,7 +93,8 @@ class DatasetDistillation(Distiller):
             loss.backward()
             optimizer.step()
             scheduler.step()
-            self.record(losses, float(loss.detach()), it, bar, callback)
+            self.record(state, float(loss.detach()), it, bar, callback)
+        losses = state.losses
         out_labels = logits.detach().softmax(dim=1).float() if self.learn_labels else syn_labels
         return DistillResult(syn.detach(), out_labels, lrs=F.softplus(raw_lrs).detach(), extra={
             "iterations": self.iterations, "steps": self.steps, "init_mode": self.init_mode,

@@ -8,17 +8,22 @@ Unlike the reference loop (one forward per class, real embeddings computed with 
 go through the network in one batch: real images without autograd, in cache-sized chunks, reduced to class means
 with `index_add_`; the synthetic images in one differentiable pass.  DSA draws one transformation per class and
 applies it to that class's real and synthetic images alike, exactly as the reference's per-class seed does.
+
+With `dp_epsilon` set, the real class means are released with differential privacy (`fedcl.privacy`): each class
+is Poisson-sampled, every real embedding is clipped to L2 norm C, Gaussian noise N(0, (sigma C)^2) is added to the
+per-class sums, and sigma is calibrated so that all iterations together spend at most (dp_epsilon, dp_delta).
+Only the real side needs noise: the synthetic images, networks and augmentation draws are not private data.
 """
 
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from fedcl.augment import DEFAULT_STRATEGY, DSA
 from fedcl.data.sampling import ClassIndex
 from fedcl.distill.base import Distiller, DistillResult, ProgressCallback, register
 from fedcl.distill.functional import initial_images
+from fedcl.privacy import GaussianClassSums, PrivacyBudget, clip_rows, poisson_sample
 from fedcl.runtime import autocast
 from fedcl.runtime import generator as make_generator
 
@@ -30,20 +35,29 @@ class DistributionMatching(Distiller):
     iterations: outer iterations, each with a new random network (paper: 20,000).
     lr_img / momentum: SGD on the synthetic pixels (paper: 1.0 / 0.5).
     batch_real: real images per class per iteration (paper: 256).
-    init: "real" (random real images of the class) or "noise" (standard normal).
+    init: "real" (random real images of the class) or "noise" (standard normal); default real, noise under DP.
     dsa / dsa_strategy: differentiable siamese augmentation of real and synthetic batches.
     amp: bfloat16 autocast for the forward passes on CUDA.
     chunk: real images per forward chunk (cache blocking; does not change the loss).
+    dp_epsilon / dp_delta / dp_clip: differentially private distillation spending at most (dp_epsilon, dp_delta)
+    over the whole run, with real embeddings clipped to L2 norm dp_clip (`fedcl.privacy.PrivacyBudget`); off
+    (None) by default, which leaves the loop exactly as without these options.
     """
 
     name = "dm"
 
     def __init__(self, *, iterations: int = 1000, lr_img: float = 1.0, momentum: float = 0.5,
-                 batch_real: int = 256, init: str = "real", dsa: bool = True,
-                 dsa_strategy: str = DEFAULT_STRATEGY, amp: bool = False, chunk: int = 256, **base) -> None:
+                 batch_real: int = 256, init: str | None = None, dsa: bool = True,
+                 dsa_strategy: str = DEFAULT_STRATEGY, amp: bool = False, chunk: int = 256,
+                 dp_epsilon: float | None = None, dp_delta: float = 1e-5, dp_clip: float | None = None,
+                 **base) -> None:
         super().__init__(**base)
+        self.privacy = None if dp_epsilon is None else PrivacyBudget(dp_epsilon, dp_delta, dp_clip)
+        init = init or ("real" if self.privacy is None else "noise")
         if init not in ("real", "noise"):
             raise ValueError(f"init must be 'real' or 'noise', got {init!r}")
+        if init == "real" and self.privacy is not None:
+            raise ValueError("DP distillation must start from noise (init='real' would copy private images)")
         self.iterations, self.lr_img, self.momentum = iterations, lr_img, momentum
         self.batch_real, self.init, self.amp, self.chunk = batch_real, init, amp, chunk
         self.augment = DSA(dsa_strategy) if dsa else None
@@ -60,18 +74,28 @@ class DistributionMatching(Distiller):
         group_of = torch.full((n_classes,), -1, dtype=torch.long)
         group_of[present] = torch.arange(len(present))
         syn_groups = group_of[syn_labels]
-        losses = []
-        bar = tqdm(range(self.iterations), desc="dm", disable=not self.progress)
+        mechanism = None if self.privacy is None else self.privacy.mechanism(index.counts, self.batch_real,
+                                                                              self.iterations)
+        state = self.loop_state(images, labels, ipc, n_classes, gen, {"syn": syn}, {"images": optimizer})
+        bar = self.progress_bar(state)
         for it in bar:
-            loss = self.step(images, index, syn, syn_groups, group_of, gen, self.seed * 1_000_003 + it)
+            loss = self.step(images, index, syn, syn_groups, group_of, gen, self.seed * 1_000_003 + it, mechanism)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            self.record(losses, float(loss.detach()), it, bar, callback)
+            self.record(state, float(loss.detach()), it, bar, callback)
+        losses = state.losses
         return DistillResult(syn.detach(), syn_labels, extra={
             "iterations": self.iterations, "batch_real": self.batch_real, "init": self.init,
             "dsa": self.augment is not None, "first_loss": losses[0] if losses else None,
-            "final_loss": losses[-1] if losses else None})
+            "final_loss": losses[-1] if losses else None,
+            **({} if mechanism is None else {"dp": mechanism.report(self.embedding_dim(images, n_classes))})})
+
+    def embedding_dim(self, images: torch.Tensor, n_classes: int) -> int:
+        """Size D of the network's embedding for these images (sets the default DP clip norm)."""
+        net = self.new_model(tuple(images.shape[1:]), n_classes, self.seed)
+        with torch.no_grad():
+            return int(net.embed(images[:1].contiguous(memory_format=torch.channels_last)).shape[1])
 
     def initial_images(self, images: torch.Tensor, index: ClassIndex, ipc: int,
                        gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,15 +103,22 @@ class DistributionMatching(Distiller):
         return initial_images(images, index, ipc, gen, self.init, self.device)
 
     def step(self, images: torch.Tensor, index: ClassIndex, syn: torch.Tensor, syn_groups: torch.Tensor,
-             group_of: torch.Tensor, gen: torch.Generator, net_seed: int) -> torch.Tensor:
-        """The DM loss of one iteration: new network, one shared draw per class, class-mean embeddings."""
+             group_of: torch.Tensor, gen: torch.Generator, net_seed: int,
+             mechanism: GaussianClassSums | None = None) -> torch.Tensor:
+        """The DM loss of one iteration: new network, one shared draw per class, class-mean embeddings
+        (released through the DP `mechanism` when one is given)."""
         n_groups = int((group_of >= 0).sum())
         net = self.new_model(tuple(images.shape[1:]), index.n_classes, net_seed)
         net.requires_grad_(False)
-        picks, classes = index.sample(self.batch_real, gen)
+        if mechanism is None:
+            picks, classes = index.sample(self.batch_real, gen)
+        else:
+            picks, classes = poisson_sample(index, mechanism.rates, gen)
         real_groups = group_of[classes]
         draw = self.augment.draw(n_groups, gen) if self.augment is not None else None
-        real_mean = self.real_class_means(net, images, picks, real_groups, draw, n_groups)
+        real_mean = self.real_class_means(net, images, picks, real_groups, draw, n_groups, mechanism)
+        if mechanism is not None:
+            real_mean = mechanism.noisy_means(real_mean, index.present, gen)
         x = syn if draw is None else self.augment.apply(syn, draw, syn_groups)
         with autocast(self.device, self.amp):
             emb = net.embed(x.contiguous(memory_format=torch.channels_last)).float()
@@ -96,18 +127,24 @@ class DistributionMatching(Distiller):
 
     @torch.no_grad()
     def real_class_means(self, net: torch.nn.Module, images: torch.Tensor, picks: torch.Tensor,
-                         groups: torch.Tensor, draw, n_groups: int) -> torch.Tensor:
-        """Mean embedding per group of the sampled real images, without autograd, in chunks that stay in cache."""
+                         groups: torch.Tensor, draw, n_groups: int,
+                         mechanism: GaussianClassSums | None = None) -> torch.Tensor:
+        """Mean embedding per group of the sampled real images, without autograd, in chunks that stay in cache.
+
+        With a DP `mechanism`, the sums of the clipped embeddings instead (the mechanism adds noise and divides).
+        """
         sums = 0.0
-        for start in range(0, len(picks), self.chunk):
+        for start in range(0, max(len(picks), 1), self.chunk):
             idx, grp = picks[start:start + self.chunk], groups[start:start + self.chunk]
             x = images[idx.to(self.device)]
             if draw is not None:
                 x = self.augment.apply(x, draw, grp)
             with autocast(self.device, self.amp):
                 emb = net.embed(x.contiguous(memory_format=torch.channels_last)).float()
+            if mechanism is not None:
+                emb = clip_rows(emb, mechanism.clip_norm(emb.shape[1]))
             sums = sums + group_sums(emb, grp, n_groups)
-        return sums / group_counts(groups, n_groups, self.device)
+        return sums if mechanism is not None else sums / group_counts(groups, n_groups, self.device)
 
 
 def group_sums(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:

@@ -193,8 +193,10 @@ class TrajectoryMatching(Distiller):
                                         momentum=self.momentum)
         optimizer_lr = torch.optim.SGD([syn_lr], lr=self.lr_lr, momentum=self.momentum)
         hard = syn_labels.to(self.device)
-        losses = []
-        bar = tqdm(range(self.iterations), desc=self.name, disable=not self.progress)
+        state = self.loop_state(images, labels, ipc, n_classes, gen, {"images": syn, "syn_lr": syn_lr,
+                                                                       "label_logits": logits},
+                                {"images": optimizer_img, "syn_lr": optimizer_lr})
+        bar = self.progress_bar(state)
         for it in bar:
             targets = logits.softmax(dim=1) if self.learn_labels else hard
             loss = self.match_loss(flat, buffer, syn, targets, syn_lr, gen)
@@ -203,7 +205,8 @@ class TrajectoryMatching(Distiller):
             loss.backward()
             optimizer_img.step()
             optimizer_lr.step()
-            self.record(losses, float(loss.detach()), it, bar, callback)
+            self.record(state, float(loss.detach()), it, bar, callback)
+        losses = state.losses
         out_labels = logits.detach().softmax(dim=1).float() if self.learn_labels else syn_labels
         return DistillResult(syn.detach(), out_labels, extra={
             "iterations": self.iterations, "syn_steps": self.syn_steps, "expert_epochs": self.expert_epochs,
