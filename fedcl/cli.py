@@ -17,6 +17,7 @@ from fedcl import __version__
 _EPILOG = """examples:
   fedcl distill --dataset digits --method dm --ipc 10 --iterations 200 --seed 0 --out runs/dm
   fedcl evaluate runs/dm/synthetic.safetensors --dataset digits
+  fedcl audit runs/dm/synthetic.safetensors --dataset digits
   fedcl show runs/dm/synthetic.safetensors --out grid.png
   fedcl demo
 """
@@ -91,6 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     _add_model(p)
     _add_eval(p, 3)
+
+    p = sub.add_parser("audit", help="check a synthetic set for near-copies of real training images",
+                       description="For every synthetic image, the distance to its nearest real training image "
+                                   "(pixels and features of a fixed random ConvNet) relative to the median "
+                                   "real-to-real nearest-neighbour distance; ratios below --threshold in either "
+                                   "space flag a near-copy.  Prints a per-class summary and writes OUT/audit.json "
+                                   "and OUT/audit_pairs.png (the closest pairs side by side).")
+    p.add_argument("synset", help="path to a .safetensors synthetic set")
+    _add_common(p)
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="flag ratios below this (default 0.5: half the typical real-to-real gap)")
+    p.add_argument("--real-sample", type=int, default=500,
+                   help="real images whose nearest other real image sets the baseline (default 500)")
+    p.add_argument("--out", default=None, help="output directory (default: the set's directory)")
 
     p = sub.add_parser("show", help="write a PNG grid of a synthetic set's images")
     p.add_argument("synset", help="path to a .safetensors synthetic set")
@@ -207,6 +222,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from fedcl.audit import audit_synthetic, closest_pairs_png
+    from fedcl.data import load_dataset
+    from fedcl.files import write_json
+    from fedcl.synthetic import SyntheticSet
+
+    synset = SyntheticSet.load(args.synset)
+    dataset = load_dataset(args.dataset, args.data_root, args.download)
+    report = audit_synthetic(synset, dataset, threshold=args.threshold, real_sample=args.real_sample,
+                             seed=args.seed, device=args.device)
+    out = Path(args.out) if args.out else Path(args.synset).parent
+    write_json(out / "audit.json", {"synset": str(args.synset), "dataset": dataset.name, "method": synset.meta.method,
+                                    "seed": args.seed, **report.to_dict()})
+    closest_pairs_png(report, synset, dataset, out / "audit_pairs.png")
+    print(report.table())
+    print(f"flagged={int(report.flagged.sum())} of {len(synset)}; wrote {out / 'audit.json'}, "
+          f"{out / 'audit_pairs.png'}")
+    return 0
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     from fedcl.synthetic import SyntheticSet
 
@@ -227,7 +262,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "distill": cmd_distill, "evaluate": cmd_evaluate, "show": cmd_show, "demo": cmd_demo}
+    "distill": cmd_distill, "evaluate": cmd_evaluate, "audit": cmd_audit, "show": cmd_show, "demo": cmd_demo}
 
 #: Modules that add subcommands: each has `register(subparsers) -> {name: handler}` and keeps its top-level
 #: imports light (heavy libraries are imported inside the handlers), so `fedcl --help` stays fast.
