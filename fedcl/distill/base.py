@@ -70,6 +70,8 @@ class Distiller(ABC):
     """
 
     name: ClassVar[str]
+    #: Length of the method's loop; iterative methods set it (the checkpoint hooks read it).
+    iterations: int
     #: Attributes that do not change the result, left out of a checkpoint's identity.
     _RUN_ONLY: ClassVar[frozenset[str]] = frozenset({"device", "progress", "checkpoint_dir", "checkpoint_every",
                                                      "resume"})
@@ -130,12 +132,12 @@ class Distiller(ABC):
         state = LoopState(generator, tensors, optimizers, self.identity(images, labels, ipc, n_classes),
                           dict(schedulers or {}))
         if self.resume:
-            state.load(self.checkpoint_path, getattr(self, "iterations"))
+            state.load(self.checkpoint_path, self.iterations)
         return state
 
     def progress_bar(self, state: LoopState) -> Any:
         """The iterations still to run, from `state.start`, with a progress bar when asked for."""
-        total = getattr(self, "iterations")
+        total = self.iterations
         return tqdm(range(state.start, total), initial=state.start, total=total, desc=self.name,
                     disable=not self.progress)
 
@@ -149,7 +151,7 @@ class Distiller(ABC):
             callback(iteration, loss)
         done = iteration + 1
         if self.checkpoint_path is not None and self.checkpoint_every > 0 and (
-                done % self.checkpoint_every == 0 or done == getattr(self, "iterations")):
+                done % self.checkpoint_every == 0 or done == self.iterations):
             state.save(self.checkpoint_path, done)
 
     def identity(self, images: torch.Tensor, labels: torch.Tensor, ipc: int, n_classes: int) -> dict[str, Any]:

@@ -81,13 +81,12 @@ class LoopState:
         """Raise CheckpointError unless the checkpoint belongs to this loop and is internally consistent."""
         if header.get("format") != FORMAT:
             raise CheckpointError(f"unsupported checkpoint format {header.get('format')!r}")
-        identity = json.loads(json.dumps(self.identity))
-        stored = header.get("identity")
+        identity = _flat(json.loads(json.dumps(self.identity)))
+        stored = _flat(header.get("identity"))
         if stored != identity:
-            diff = sorted(k for k in set(identity) | set(stored or {})
-                          if (stored or {}).get(k) != identity.get(k))
-            raise CheckpointError(f"the checkpoint was written by a different run (differs in {diff}); rerun "
-                                  "with the same options and seed, or without --resume to start over")
+            diff = sorted(k for k in set(identity) | set(stored) if stored.get(k) != identity.get(k))
+            raise CheckpointError(f"the checkpoint was written by a different run (differs in {', '.join(diff)}); "
+                                  "rerun with the same options, or without --resume to start over")
         iteration, losses = header.get("iteration"), header.get("losses")
         if not isinstance(iteration, int) or isinstance(iteration, bool) or not 0 <= iteration <= max_iteration:
             raise CheckpointError(f"checkpoint iteration {iteration!r} is outside 0..{max_iteration}")
@@ -104,6 +103,16 @@ class LoopState:
                 raise CheckpointError(f"checkpoint {key} do not match this loop's {sorted(names)}")
         if "rng/generator" not in tensors:
             raise CheckpointError("checkpoint lacks the generator state")
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one dict of dotted keys (names the option that differs, e.g. "options.seed")."""
+    if not isinstance(value, dict):
+        return {prefix or "identity": value}
+    flat: dict[str, Any] = {}
+    for key, item in value.items():
+        flat.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
 
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
