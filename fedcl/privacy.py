@@ -94,44 +94,44 @@ class PrivacyBudget:
         if self.clip is not None and not (math.isfinite(self.clip) and self.clip > 0):
             raise ValueError(f"DP clip norm must be a finite number > 0, got {self.clip}")
 
-    def mechanism(self, counts: torch.Tensor, per_class: int, steps: int) -> GaussianClassSums:
-        """The calibrated mechanism for classes of sizes `counts`, `per_class` expected samples, `steps` releases."""
+    def mechanism(self, counts: torch.Tensor, per_class: int, steps: int, dim: int) -> GaussianClassSums:
+        """The calibrated mechanism for classes of sizes `counts`, `per_class` expected samples, `steps` releases
+        of sums of `dim`-dimensional embeddings."""
         if steps < 1:
             raise ValueError("DP distillation needs at least one iteration")
         rates = sampling_rates(counts, per_class)
         sample_rate = float(rates.max())
         sigma = calibrate_noise(self.epsilon, self.delta, sample_rate, steps)
-        return GaussianClassSums(self, counts, rates, sigma, sample_rate, steps,
+        clip = self.clip if self.clip is not None else math.sqrt(dim) / 2
+        return GaussianClassSums(self, counts, rates, dim, clip, sigma, sample_rate, steps,
                                  spent_epsilon(sigma, sample_rate, steps, self.delta))
 
 
 @dataclass(frozen=True)
 class GaussianClassSums:
-    """The calibrated mechanism: class sizes, Poisson sampling rates, noise multiplier and the budget it spends."""
+    """The calibrated mechanism: class sizes, Poisson sampling rates, embedding size and clip norm, noise
+    multiplier and the budget it spends."""
 
     budget: PrivacyBudget
     counts: torch.Tensor
     rates: torch.Tensor
+    dim: int
+    clip: float
     noise_multiplier: float
     sample_rate: float
     steps: int
     epsilon: float
 
-    def clip_norm(self, dim: int) -> float:
-        """The L2 clip bound C for embeddings of dimension `dim`."""
-        return self.budget.clip if self.budget.clip is not None else math.sqrt(dim) / 2
-
     def noisy_means(self, sums: torch.Tensor, present: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Means from clipped per-class sums (rows = present classes): add N(0, (sigma C)^2), divide by the
         expected count q_c n_c.  The noise comes from `generator` (CPU), so runs are reproducible anywhere."""
-        clip = self.clip_norm(sums.shape[1])
-        noise = torch.randn(sums.shape, generator=generator) * (self.noise_multiplier * clip)
+        noise = torch.randn(sums.shape, generator=generator) * (self.noise_multiplier * self.clip)
         expected = (self.rates[present] * self.counts[present]).float().unsqueeze(1)
         return (sums + noise.to(sums.device, sums.dtype)) / expected.to(sums.device)
 
-    def report(self, dim: int) -> dict[str, Any]:
+    def report(self) -> dict[str, Any]:
         """What the run spent, for the set's metadata and report.json."""
         return {"epsilon": self.epsilon, "delta": self.budget.delta, "target_epsilon": self.budget.epsilon,
-                "noise_multiplier": self.noise_multiplier, "clip": self.clip_norm(dim),
+                "noise_multiplier": self.noise_multiplier, "clip": self.clip,
                 "sample_rate": self.sample_rate, "steps": self.steps, "accountant": "opacus RDP",
                 "sampling": "Poisson per class, rate min(1, batch_real / n_c); worst-case rate accounted"}

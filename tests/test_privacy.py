@@ -1,5 +1,6 @@
 """DP distribution matching: clipping, Poisson sampling, noise calibration, metadata and the CLI flags."""
 
+import dataclasses
 import json
 import math
 
@@ -58,7 +59,7 @@ def test_budget_validation_and_noisy_means_scale():
         with pytest.raises(ValueError):
             PrivacyBudget(**bad)
     counts = torch.tensor([400, 200])
-    mechanism = PrivacyBudget(2.0, 1e-5, clip=3.0).mechanism(counts, 100, 50)
+    mechanism = PrivacyBudget(2.0, 1e-5, clip=3.0).mechanism(counts, 100, 50, dim=20000)
     assert mechanism.sample_rate == 0.5 and mechanism.epsilon <= 2.0
     means = mechanism.noisy_means(torch.zeros(2, 20000), torch.tensor([0, 1]), torch.Generator().manual_seed(0))
     # Noise sigma * C on the sums, divided by the expected count q_c n_c = 100 for both classes.
@@ -94,3 +95,14 @@ def test_cli_dp_flags(tmp_path, capsys):
     assert "--method dm only" in capsys.readouterr().err
     assert main(["distill", "--dp-clip", "1", "--out", str(tmp_path / "x")]) == 2
     assert "need --dp-epsilon" in capsys.readouterr().err
+
+
+def test_dp_step_survives_an_empty_poisson_sample(digits):
+    dm = create_distiller("dm", batch_real=1, model_cfg=SMALL, device="cpu", dp_epsilon=1.0)
+    index = ClassIndex(digits.train_labels, 10)
+    mechanism = PrivacyBudget(1.0).mechanism(index.counts, 1, 2, dim=64)
+    mechanism = dataclasses.replace(mechanism, rates=torch.full((10,), 1e-9, dtype=torch.float64))
+    syn, syn_labels = dm.initial_images(digits.train_images, index, 1, torch.Generator().manual_seed(0))
+    loss = dm.step(digits.train_images, index, syn, syn_labels, torch.arange(10), torch.Generator().manual_seed(0),
+                   net_seed=1, mechanism=mechanism)
+    assert bool(torch.isfinite(loss))

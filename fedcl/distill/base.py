@@ -128,9 +128,11 @@ class Distiller(ABC):
     def loop_state(self, images: torch.Tensor, labels: torch.Tensor, ipc: int, n_classes: int,
                    generator: torch.Generator, tensors: dict[str, torch.Tensor],
                    optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any] | None = None) -> LoopState:
-        """The loop's state, restored from the checkpoint when resuming (then `state.start` > 0)."""
-        state = LoopState(generator, tensors, optimizers, self.identity(images, labels, ipc, n_classes),
-                          dict(schedulers or {}))
+        """The loop's state, restored from the checkpoint when resuming (then `state.start` > 0).
+
+        The identity (which hashes the data) is only computed when checkpoints are on."""
+        identity = {} if self.checkpoint_path is None else self.identity(images, labels, ipc, n_classes)
+        state = LoopState(generator, tensors, optimizers, identity, dict(schedulers or {}))
         if self.resume:
             state.load(self.checkpoint_path, self.iterations)
         return state

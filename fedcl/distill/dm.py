@@ -74,8 +74,8 @@ class DistributionMatching(Distiller):
         group_of = torch.full((n_classes,), -1, dtype=torch.long)
         group_of[present] = torch.arange(len(present))
         syn_groups = group_of[syn_labels]
-        mechanism = None if self.privacy is None else self.privacy.mechanism(index.counts, self.batch_real,
-                                                                              self.iterations)
+        mechanism = None if self.privacy is None else self.privacy.mechanism(
+            index.counts, self.batch_real, self.iterations, self.embedding_dim(images, n_classes))
         state = self.loop_state(images, labels, ipc, n_classes, gen, {"syn": syn}, {"images": optimizer})
         bar = self.progress_bar(state)
         for it in bar:
@@ -89,7 +89,7 @@ class DistributionMatching(Distiller):
             "iterations": self.iterations, "batch_real": self.batch_real, "init": self.init,
             "dsa": self.augment is not None, "first_loss": losses[0] if losses else None,
             "final_loss": losses[-1] if losses else None,
-            **({} if mechanism is None else {"dp": mechanism.report(self.embedding_dim(images, n_classes))})})
+            **({} if mechanism is None else {"dp": mechanism.report()})})
 
     def embedding_dim(self, images: torch.Tensor, n_classes: int) -> int:
         """Size D of the network's embedding for these images (sets the default DP clip norm)."""
@@ -133,8 +133,8 @@ class DistributionMatching(Distiller):
 
         With a DP `mechanism`, the sums of the clipped embeddings instead (the mechanism adds noise and divides).
         """
-        sums = 0.0
-        for start in range(0, max(len(picks), 1), self.chunk):
+        sums = 0.0 if mechanism is None else torch.zeros(n_groups, mechanism.dim, device=self.device)
+        for start in range(0, len(picks), self.chunk):
             idx, grp = picks[start:start + self.chunk], groups[start:start + self.chunk]
             x = images[idx.to(self.device)]
             if draw is not None:
@@ -142,7 +142,7 @@ class DistributionMatching(Distiller):
             with autocast(self.device, self.amp):
                 emb = net.embed(x.contiguous(memory_format=torch.channels_last)).float()
             if mechanism is not None:
-                emb = clip_rows(emb, mechanism.clip_norm(emb.shape[1]))
+                emb = clip_rows(emb, mechanism.clip)
             sums = sums + group_sums(emb, grp, n_groups)
         return sums if mechanism is not None else sums / group_counts(groups, n_groups, self.device)
 
