@@ -13,6 +13,7 @@ With `dp_epsilon` set, the real class means are released with differential priva
 is Poisson-sampled, every real embedding is clipped to L2 norm C, Gaussian noise N(0, (sigma C)^2) is added to the
 per-class sums, and sigma is calibrated so that all iterations together spend at most (dp_epsilon, dp_delta).
 Only the real side needs noise: the synthetic images, networks and augmentation draws are not private data.
+The synthetic embeddings are clipped to the same bound (no privacy cost) so that both means are of clipped vectors.
 """
 
 from __future__ import annotations
@@ -122,6 +123,8 @@ class DistributionMatching(Distiller):
         x = syn if draw is None else self.augment.apply(syn, draw, syn_groups)
         with autocast(self.device, self.amp):
             emb = net.embed(x.contiguous(memory_format=torch.channels_last)).float()
+        if mechanism is not None:  # compare like with like: the real side's embeddings are clipped
+            emb = clip_rows(emb, mechanism.clip)
         syn_mean = group_sums(emb, syn_groups, n_groups) / group_counts(syn_groups, n_groups, emb.device)
         return ((real_mean - syn_mean) ** 2).sum()
 
