@@ -7,7 +7,7 @@ too and differs only in the privacy mechanism); DP delta 1e-5, clip norm sqrt(D)
 evaluation = fresh ConvNet-3 width 32 (SGD lr 0.01 momentum 0.9 wd 5e-4, lr x0.1 at half, DSA) x --models
 networks x --epochs epochs, tested on the 10,000 test images.
 
-    python simulations/bench_dp.py                                  # ~15 min on one CPU core
+    python simulations/bench_dp.py                                  # ~30 min on one shared CPU core
     python simulations/bench_dp.py --epsilons 1 4 10 --iterations 2000 --width 128 --models 3 --epochs 300
 
 Prints a markdown table (epsilon spent, noise multiplier, accuracy) and writes OUT/dp_accuracy.png and

@@ -77,7 +77,7 @@ class DistributionMatching(Distiller):
         syn_groups = group_of[syn_labels]
         mechanism = None if self.privacy is None else self.privacy.mechanism(
             index.counts, self.batch_real, self.iterations, self.embedding_dim(images, n_classes))
-        state = self.loop_state(images, labels, ipc, n_classes, gen, {"syn": syn}, {"images": optimizer})
+        state = self.loop_state(images, labels, ipc, n_classes, gen, {"images": syn}, {"images": optimizer})
         bar = self.progress_bar(state)
         for it in bar:
             loss = self.step(images, index, syn, syn_groups, group_of, gen, self.seed * 1_000_003 + it, mechanism)
