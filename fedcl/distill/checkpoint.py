@@ -101,6 +101,10 @@ class LoopState:
             names = set(getattr(self, key))
             if not isinstance(header.get(key), dict) or set(header[key]) != names:
                 raise CheckpointError(f"checkpoint {key} do not match this loop's {sorted(names)}")
+        for name, scheduler in self.schedulers.items():
+            saved = header["schedulers"][name]
+            if not isinstance(saved, dict) or set(saved) != set(scheduler.state_dict()):
+                raise CheckpointError(f"checkpoint scheduler {name!r} does not match this loop's")
         if "rng/generator" not in tensors:
             raise CheckpointError("checkpoint lacks the generator state")
 
