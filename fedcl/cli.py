@@ -156,6 +156,16 @@ def _method_options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
+def _check_dp_flags(wanted: dict[str, Any], accepted: set[str], method: str) -> None:
+    """--dp-* flags need --dp-epsilon and a method that implements differential privacy (dm)."""
+    dp_flags = [f"--{k.replace('_', '-')}" for k in ("dp_epsilon", "dp_delta", "dp_clip") if wanted[k] is not None]
+    if dp_flags and "dp_epsilon" not in accepted:
+        raise ValueError(f"{', '.join(dp_flags)}: differential privacy is implemented for --method dm only, "
+                         f"not {method!r}")
+    if dp_flags and wanted["dp_epsilon"] is None:
+        raise ValueError(f"{', '.join(dp_flags)} need --dp-epsilon")
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     from fedcl.distill import available_distillers
 
@@ -175,12 +185,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
               "dsa": False if args.no_dsa else None, "amp": args.amp or None, "dp_epsilon": args.dp_epsilon,
               "dp_delta": args.dp_delta, "dp_clip": args.dp_clip}
     accepted = accepted_options(args.method)
-    dp_flags = [f"--{k.replace('_', '-')}" for k in ("dp_epsilon", "dp_delta", "dp_clip") if wanted[k] is not None]
-    if dp_flags and "dp_epsilon" not in accepted:
-        raise ValueError(f"{', '.join(dp_flags)}: differential privacy is implemented for --method dm only, "
-                         f"not {args.method!r}")
-    if args.dp_epsilon is None and dp_flags:
-        raise ValueError(f"{', '.join(dp_flags)} need --dp-epsilon")
+    _check_dp_flags(wanted, accepted, args.method)
     options = {k: v for k, v in wanted.items() if v is not None and k in accepted}
     options.update(_method_options(args.opt))
     distiller = create_distiller(args.method, model=args.model, model_cfg=_model_cfg(args), device=args.device,
