@@ -38,9 +38,3 @@ def task_order(n_tasks: int, client: int, order: str = "shared", seed: int = 0) 
 def groups_seen(n_tasks: int, n_clients: int, step: int, order: str = "shared", seed: int = 0) -> list[int]:
     """Class groups that some client has met by the end of `step` (sorted)."""
     return sorted({g for c in range(n_clients) for g in task_order(n_tasks, c, order, seed)[:step + 1]})
-
-
-def task_indices(labels: torch.Tensor, index: torch.Tensor, classes: list[int]) -> torch.Tensor:
-    """The entries of `index` (sample ids into `labels`) whose label is one of `classes`."""
-    keep = torch.isin(labels[index], torch.tensor(classes, dtype=labels.dtype))
-    return index[keep]

@@ -3,7 +3,6 @@ benchmark call.  Every virtual client is a SuperNode with node config `partition
 
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 from fedcl.data import class_histogram, format_histogram, load_dataset, partition, plot_histogram
 from fedcl.files import atomic_write
+from fedcl.flower.results import read_csv
 from fedcl.flower.settings import FedSettings
 
 #: Keep Flower and Ray quiet and offline (no telemetry, no update checks).
@@ -60,5 +60,4 @@ def simulate(settings: FedSettings, n_clients: int, *, gpu_fraction: float | Non
                "init_args": {"include_dashboard": False}}
     run_simulation(server_app=make_server_app(settings), client_app=client_app, num_supernodes=n_clients,
                    backend_config=backend, verbose_logging=verbose)
-    with open(Path(settings.out_dir) / "rounds.csv", newline="") as f:
-        return list(csv.DictReader(f))
+    return read_csv(Path(settings.out_dir) / "rounds.csv")
