@@ -68,6 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> dict[str, Callable[[argp
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda[:i]")
     p.add_argument("--gpu-fraction", type=float, default=None,
                    help="GPU share per client when CUDA is present (default max(0.25, 1/clients))")
+    p.add_argument("--engine", default="ray", choices=("ray", "local"),
+                   help="Flower's simulation engine (ray, default) or the clients in this process one after another")
     p.add_argument("--verbose", action="store_true", help="Flower debug logging")
     _register_demo(subparsers)
     return {"simulate": cmd_simulate, "demo": cmd_demo}
@@ -87,6 +89,9 @@ def _register_demo(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", type=int, default=5, help="tasks (default 5 of 2 classes)")
     p.add_argument("--rounds", type=int, default=2, help="FedAvg rounds per task (default 2)")
     p.add_argument("--local-epochs", type=int, default=5, help="local epochs per round (default 5)")
+    p.add_argument("--local-lr", type=float, default=0.05, help="local SGD learning rate (default 0.05)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="local mini-batch: new samples, plus as many memory samples (default 16)")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration within each task (0.5)")
     p.add_argument("--ipc", type=int, default=10, help="memory: images per class per client (default 10)")
     p.add_argument("--distill-iterations", type=int, default=100, help="client DM iterations (default 100)")
@@ -94,6 +99,8 @@ def _register_demo(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default 0)")
     p.add_argument("--strategies", nargs="+", default=None, help="subset of the four (default all)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda[:i]")
+    p.add_argument("--engine", default="local", choices=("local", "ray"),
+                   help="clients in this process one after another (local, default) or Flower's Ray engine")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
 
 
@@ -102,9 +109,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from fedcl.flower.settings import FedSettings
 
     settings = FedSettings(dataset=args.dataset, data_root=args.data_root, scenario="continual", tasks=args.tasks,
-                           num_rounds=args.rounds, local_epochs=args.local_epochs, alpha=args.alpha, ipc=args.ipc,
-                           distill_iterations=args.distill_iterations, width=args.width, device=args.device)
-    table = run_comparison(settings, args.clients, args.strategies or list(LABELS), args.seeds, args.out)
+                           num_rounds=args.rounds, local_epochs=args.local_epochs, local_lr=args.local_lr,
+                           local_batch_size=args.batch_size, replay_batch_size=args.batch_size, alpha=args.alpha,
+                           ipc=args.ipc, distill_iterations=args.distill_iterations, width=args.width,
+                           device=args.device)
+    table = run_comparison(settings, args.clients, args.strategies or list(LABELS), args.seeds, args.out,
+                           engine=args.engine)
     print_comparison(table)
     print(f"wrote {args.out}/tasks.csv, accuracy.png, summary.md")
     return 0
@@ -127,7 +137,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         upload_dtype=args.upload_dtype, local_epochs=args.local_epochs, server_epochs=args.server_epochs,
         finetune_epochs=args.finetune_epochs, memory=args.memory, out_dir=args.out, device=args.device)
     print(write_partitions(settings, args.clients))
-    rows = simulate(settings, args.clients, gpu_fraction=args.gpu_fraction, verbose=args.verbose)
+    rows = simulate(settings, args.clients, gpu_fraction=args.gpu_fraction, verbose=args.verbose,
+                    engine=args.engine)
     if settings.scenario == "continual":
         print(task_table([task_summary(read_csv(Path(args.out) / "tasks.csv"), args.strategy)]))
         print(f"wrote {args.out}/tasks.csv, tasks.png, rounds.csv, summary.md, partitions.png")

@@ -26,9 +26,10 @@ LABELS = {"fedavg": "naive federated fine-tuning (no memory)",
 
 
 def run_comparison(base: FedSettings, n_clients: int, strategies: list[str], seeds: list[int],
-                   out: str | Path) -> list[dict[str, Any]]:
-    """Run every strategy with every seed; write the per-run and combined results; return the table rows
-    (per strategy: (mean, std) over seeds of final average accuracy, forgetting, BWT and bytes)."""
+                   out: str | Path, engine: str = "local") -> list[dict[str, Any]]:
+    """Run every strategy with every seed on the simulation `engine` ("local" or "ray", see `simulate`); write the
+    per-run and combined results; return the table rows (per strategy: (mean, std) over seeds of final average
+    accuracy, forgetting, BWT and bytes)."""
     out = Path(out)
     runs: dict[str, list[list[dict[str, Any]]]] = {s: [] for s in strategies}
     combined = []
@@ -37,7 +38,7 @@ def run_comparison(base: FedSettings, n_clients: int, strategies: list[str], see
             settings = replace(base, scenario="continual", strategy=strategy, seed=seed, min_nodes=n_clients,
                                out_dir=str(out / f"{strategy}-seed{seed}"))
             write_partitions(settings, n_clients)
-            simulate(settings, n_clients)
+            simulate(settings, n_clients, engine=engine)
             rows = read_csv(Path(settings.out_dir) / "tasks.csv")
             runs[strategy].append(rows)
             combined += [{"strategy": strategy, "seed": seed, **r} for r in rows]
