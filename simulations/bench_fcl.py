@@ -40,7 +40,9 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=list(LABELS), choices=list(LABELS))
     parser.add_argument("--rounds", type=int, default=3, help="FedAvg rounds per task (default 3)")
     parser.add_argument("--local-epochs", type=int, default=2, help="local epochs per round (default 2)")
-    parser.add_argument("--replay-batch-size", type=int, default=64)
+    parser.add_argument("--local-lr", type=float, default=0.05, help="local SGD learning rate (default 0.05)")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="local mini-batch: new samples, plus as many memory samples (default 64)")
     parser.add_argument("--width", type=int, default=32, help="ConvNet-3 width (default 32, CPU-sized)")
     parser.add_argument("--distill-iterations", type=int, default=200, help="client DM iterations (default 200)")
     parser.add_argument("--batch-real", type=int, default=64)
@@ -48,20 +50,23 @@ def main() -> None:
                         help="fed-distill-server: server epochs on its memory at each task's end (default 10)")
     parser.add_argument("--upload-dtype", default="float16", choices=("float32", "float16"))
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--engine", default="local", choices=("local", "ray"),
+                        help="clients in this process one after another (local, default) or Flower's Ray engine")
     parser.add_argument("--out", default="runs/bench_fcl")
     args = parser.parse_args()
 
     tune_cpu_allocator()
     settings = FedSettings(dataset=args.dataset, data_root=args.data_root, scenario="continual", tasks=args.tasks,
                            alpha=args.alpha, ipc=args.ipc, num_rounds=args.rounds, local_epochs=args.local_epochs,
-                           replay_batch_size=args.replay_batch_size, width=args.width,
+                           local_lr=args.local_lr, local_batch_size=args.batch_size,
+                           replay_batch_size=args.batch_size, width=args.width,
                            distill_iterations=args.distill_iterations, batch_real=args.batch_real,
                            finetune_epochs=args.finetune_epochs, upload_dtype=args.upload_dtype, device=args.device)
     start = time.perf_counter()
-    table = run_comparison(settings, args.clients, args.strategies, args.seeds, args.out)
+    table = run_comparison(settings, args.clients, args.strategies, args.seeds, args.out, engine=args.engine)
     print(f"{args.dataset}: {args.clients} clients, {args.tasks} tasks, Dirichlet {args.alpha}, memory {args.ipc} "
           f"images per class per client, seeds {args.seeds}, {args.rounds} rounds x {args.local_epochs} local "
-          f"epochs per task, DM {args.distill_iterations} iterations")
+          f"epochs per task, DM {args.distill_iterations} iterations, width {args.width}")
     print_comparison(table)
     print(f"total wall time {time.perf_counter() - start:.0f} s; wrote {args.out}/tasks.csv, accuracy.png, "
           "summary.md")
