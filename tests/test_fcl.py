@@ -210,3 +210,29 @@ def test_fedcl_simulate_continual_three_clients_two_tasks(tmp_path):
     assert 0 < float(rows[1]["avg_accuracy"]) <= 1 and float(rows[1]["forgetting"]) >= 0
     assert all(int(r["uplink_bytes"]) > 0 and int(r["clients_failed"]) == 0 for r in rows)
     assert (out / "tasks.png").stat().st_size > 0 and "fed-distill" in done.stdout
+
+
+def test_local_grid_delivers_in_process_and_reports_a_crash_as_an_error_reply():
+    from flwr.clientapp import ClientApp
+
+    from fedcl.flower.local_grid import LocalGrid
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        if context.node_config["partition-id"] == 1:
+            raise RuntimeError("simulated crash")
+        context.state["seen"] = ConfigRecord({"n": int(context.state.config_records.get("seen", {}).get("n", 0)) + 1})
+        return Message(content=RecordDict({"config": ConfigRecord({"pid": context.node_config["partition-id"]})}),
+                       reply_to=msg)
+
+    grid = LocalGrid(app, 2)
+    nodes = list(grid.get_node_ids())
+    for _ in range(2):
+        replies = grid.send_and_receive([Message(content=RecordDict(), dst_node_id=n, message_type="train")
+                                         for n in nodes])
+    ok, crashed = replies
+    assert ok.content["config"]["pid"] == 0 and ok.metadata.src_node_id == nodes[0]
+    assert crashed.has_error() and "simulated crash" in crashed.error.reason
+    assert grid.contexts[nodes[0]].state["seen"]["n"] == 2  # Context.state persists across rounds
