@@ -199,15 +199,17 @@ def test_fedcl_simulate_continual_three_clients_two_tasks(tmp_path):
     env = {**os.environ, **QUIET_ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "fedcl.cli", "simulate", "--scenario", "continual", "--dataset", "digits",
            "--clients", "3", "--tasks", "2", "--strategy", "fed-distill", "--seed", "0", "--out", str(out),
-           "--width", "16", "--distill-iterations", "5", "--local-epochs", "3", "--ipc", "3", "--device", "cpu"]
+           "--width", "16", "--distill-iterations", "5", "--rounds", "2", "--local-epochs", "5", "--local-lr", "0.05",
+           "--local-batch-size", "16", "--replay-batch-size", "16", "--ipc", "3", "--device", "cpu"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     with open(out / "tasks.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert {"task", "avg_accuracy", "forgetting", "uplink_bytes"} <= set(rows[0])
     assert [int(r["task"]) for r in rows] == [0, 1]
-    assert float(rows[0]["avg_accuracy"]) > 0.5  # 5 classes of task 0 learnt (chance 0.2)
-    assert 0 < float(rows[1]["avg_accuracy"]) <= 1 and float(rows[1]["forgetting"]) >= 0
+    assert float(rows[0]["avg_accuracy"]) > 0.4 and float(rows[1]["avg_accuracy"]) > 0.4  # 5 classes each: chance 0.2
+    assert float(rows[0]["forgetting"]) == 0 and int(rows[1]["round"]) == 6  # 2 FedAvg + 1 distillation round
+    assert float(rows[1]["acc_task0"]) > 0.3  # the memory kept task 0 alive
     assert all(int(r["uplink_bytes"]) > 0 and int(r["clients_failed"]) == 0 for r in rows)
     assert (out / "tasks.png").stat().st_size > 0 and "fed-distill" in done.stdout
 
