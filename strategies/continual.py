@@ -53,9 +53,9 @@ class TaskSchedule:
         within = (server_round - 1) % self.rounds_in_task
         return "distill" if within == self.rounds_per_task else "train"
 
-    def is_task_end(self, server_round: int) -> bool:
-        """Whether the model after this round is the one a task is scored on."""
-        return server_round >= 1 and server_round % self.rounds_in_task == 0
+    def last_round(self, task: int) -> int:
+        """The task's last round: the model after it is the one the task is scored on."""
+        return (task + 1) * self.rounds_in_task
 
     def is_task_start(self, server_round: int) -> bool:
         return (server_round - 1) % self.rounds_in_task == 0

@@ -125,7 +125,7 @@ def test_task_schedule():
     assert schedule.num_rounds == 9
     assert [schedule.task_of(r) for r in range(10)] == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert [schedule.phase(r) for r in range(1, 7)] == ["train", "train", "distill"] * 2
-    assert [r for r in range(1, 10) if schedule.is_task_end(r)] == [3, 6, 9]
+    assert [schedule.last_round(t) for t in range(3)] == [3, 6, 9]
     assert [r for r in range(1, 10) if schedule.is_task_start(r)] == [1, 4, 7]
     assert TaskSchedule(1, 4, distill_round=False).num_rounds == 4
 

@@ -62,7 +62,7 @@ def task_rows(round_rows: list[dict[str, Any]], scores: dict[int, Any], schedule
     """One row per task: its metrics after its last round, its traffic, and the per-group accuracies."""
     matrix, rows, cumulative = [], [], 0
     for task in range(n_tasks):
-        last = (task + 1) * schedule.rounds_in_task
+        last = schedule.last_round(task)
         matrix.append({int(k.split("-")[1]): float(v) for k, v in scores[last].items() if k.startswith("group-")})
         in_task = [r for r in round_rows if schedule.task_of(int(r["round"])) == task and int(r["round"]) >= 1]
         uplink = sum(int(r["uplink_bytes"]) for r in in_task)
