@@ -238,3 +238,14 @@ def test_local_grid_delivers_in_process_and_reports_a_crash_as_an_error_reply():
     assert ok.content["config"]["pid"] == 0 and ok.metadata.src_node_id == nodes[0]
     assert crashed.has_error() and "simulated crash" in crashed.error.reason
     assert grid.contexts[nodes[0]].state["seen"]["n"] == 2  # Context.state persists across rounds
+
+
+def test_a_continual_run_is_reproducible(tmp_path):
+    from fedcl.flower.simulation import simulate
+
+    runs = []
+    for i in range(2):
+        settings = FedSettings(**{**TINY, "min_nodes": 4, "width": 8, "num_rounds": 2, "local_epochs": 5},
+                               local_lr=0.05, local_batch_size=16, strategy="fedavg", out_dir=str(tmp_path / str(i)))
+        runs.append([row["accuracy"] for row in simulate(settings, 4, engine="local")])
+    assert runs[0] == runs[1]  # Flower samples nodes in random order; aggregation must not depend on it
