@@ -8,6 +8,7 @@ accuracy, forgetting and backward transfer per task; bytes up and down are summe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from logging import INFO
 from typing import Any
 
@@ -41,7 +42,8 @@ def build_continual_strategy(settings: FedSettings, dataset: ImageDataset) -> Co
                            min_evaluate_nodes=settings.min_nodes, min_available_nodes=settings.min_nodes)
 
 
-def group_scorer(settings: FedSettings, dataset: ImageDataset, schedule: TaskSchedule):
+def group_scorer(settings: FedSettings, dataset: ImageDataset,
+                 schedule: TaskSchedule) -> Callable[[nn.Module, int], dict[str, float]]:
     """score(net, round): accuracy on each class group met by the round's task ("group-<g>") and their mean."""
     device = resolve_device(settings.device)
     groups = class_groups(dataset.n_classes, settings.tasks, settings.seed)

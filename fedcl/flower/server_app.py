@@ -2,7 +2,8 @@
 
 `flwr run` loads `app` (settings from `[tool.flwr.app.config]` and `--run-config`); `fedcl simulate` and the
 benchmark build an app with fixed settings through `make_server_app`.  The global model is evaluated on the
-server's copy of the test split before training and after every round (the `accuracy` column).
+server's copy of the test split before training and after every round (the `accuracy` column).  Runs with
+`scenario="continual"` go to `fedcl.flower.continual_server` (task schedule, per-task scores, tasks.csv).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 from torch import nn
 
 from fedcl.data import ImageDataset, load_dataset
@@ -67,7 +68,7 @@ def run_federation(grid: Grid, settings: FedSettings) -> list[dict[str, Any]]:
 
 
 def start_strategy(grid: Grid, settings: FedSettings, strategy: Strategy, dataset: ImageDataset, num_rounds: int,
-                   score: Callable[[nn.Module, int], dict[str, float]]) -> tuple[list[dict[str, Any]], Any]:
+                   score: Callable[[nn.Module, int], dict[str, float]]) -> tuple[list[dict[str, Any]], Result]:
     """Run `strategy` for `num_rounds` from the seeded initial model, scoring the global model with
     `score(net, round)` (which must return at least "accuracy") before training and after every round.
 
