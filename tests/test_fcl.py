@@ -249,3 +249,11 @@ def test_a_continual_run_is_reproducible(tmp_path):
                                local_lr=0.05, local_batch_size=16, strategy="fedavg", out_dir=str(tmp_path / str(i)))
         runs.append([row["accuracy"] for row in simulate(settings, 4, engine="local")])
     assert runs[0] == runs[1]  # Flower samples nodes in random order; aggregation must not depend on it
+
+
+def test_the_memory_core_imports_neither_flower_nor_avalanche():
+    code = ("import sys, fedcl.memory, fedcl.continual_metrics, fedcl.data.streams; "
+            "assert not {'flwr', 'avalanche'} & set(sys.modules), sorted({'flwr', 'avalanche'} & set(sys.modules))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
