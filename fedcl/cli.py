@@ -1,4 +1,5 @@
-"""The `fedcl` command: distil a dataset, evaluate or show a synthetic set, run the main demo job.
+"""The `fedcl` command: distil a dataset, evaluate or show a synthetic set; extensions add `cl`, `simulate` and the
+main demo job (`fedcl.flower.cli`).
 
 Run `fedcl COMMAND --help` for each command's options.
 """
@@ -110,16 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="write a PNG grid of a synthetic set's images")
     p.add_argument("synset", help="path to a .safetensors synthetic set")
     p.add_argument("--out", default=None, help="PNG path (default: next to the set, grid.png)")
-
-    p = sub.add_parser("demo", help="the main job: distil digits, compare with random real images, write runs/",
-                       description="Distil the embedded digits dataset with DM, evaluate it against a random real "
-                                   "subset of the same size, print the table and write the set, its grid and a "
-                                   "JSON report under --out.")
-    _add_common(p)
-    p.add_argument("--ipc", type=int, default=10, help="images per class (default 10)")
-    p.add_argument("--iterations", type=int, default=500, help="DM iterations (default 500)")
-    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    _add_eval(p, 5)
 
     for module in _EXTENSIONS:
         _COMMANDS.update(importlib.import_module(module).register(sub))
@@ -257,20 +248,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from fedcl.demo import run_demo
-
-    run_demo(dataset=args.dataset, data_root=args.data_root, download=args.download, ipc=args.ipc,
-             iterations=args.iterations, eval_models=args.eval_models, config=_train_config(args),
-             device=args.device, seed=args.seed, out=Path(args.out))
-    return 0
-
-
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "distill": cmd_distill, "evaluate": cmd_evaluate, "audit": cmd_audit, "show": cmd_show, "demo": cmd_demo}
+    "distill": cmd_distill, "evaluate": cmd_evaluate, "audit": cmd_audit, "show": cmd_show}
 
-#: Modules that add subcommands: each has `register(subparsers) -> {name: handler}` and keeps its top-level
-#: imports light (heavy libraries are imported inside the handlers), so `fedcl --help` stays fast.
+#: Modules that add subcommands (`cl`; `simulate` and `demo`): each has `register(subparsers) -> {name: handler}`
+#: and keeps its top-level imports light (heavy libraries load inside the handlers), so `fedcl --help` is fast.
 _EXTENSIONS: tuple[str, ...] = ("fedcl.avalanche.cli", "fedcl.flower.cli")
 
 

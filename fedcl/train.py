@@ -38,13 +38,24 @@ class TrainConfig:
 
 
 def train_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig = TrainConfig(),
-                *, device: str | torch.device = "auto", seed: int = 0, progress: bool = False) -> list[float]:
+                *, device: str | torch.device = "auto", seed: int = 0, progress: bool = False,
+                replay: tuple[torch.Tensor, torch.Tensor] | None = None,
+                replay_batch_size: int | None = None) -> list[float]:
     """Train `model` in place on (images, labels) with SGD and the step decay; return the mean loss per epoch.
 
     Labels are class ids or soft-label distributions.  Batches are reshuffled every epoch from `seed`.
+    replay: (images, labels) of a replay memory; every mini-batch then gets `replay_batch_size` (default
+    `config.batch_size`) memory samples drawn at random beside its samples of (images, labels), as experience
+    replay does (so a tiny memory weighs as much as the new data however small it is).  When either side has
+    soft labels, class ids are turned into one-hot rows so the two mix.
     """
     device = resolve_device(device)
     model.to(device).train()
+    if replay is not None and len(replay[0]) == 0:
+        replay = None
+    if replay is not None:
+        labels, replay_labels = _common_labels(labels, replay[1])
+        replay = (replay[0].to(device), replay_labels.to(device))
     images, labels = images.to(device), labels.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
@@ -60,6 +71,9 @@ def train_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, co
         for start in range(0, n, config.batch_size):
             batch = order[start:start + config.batch_size]
             x, y = images[batch], labels[batch]
+            if replay is not None:
+                drawn = torch.randint(len(replay[0]), (replay_batch_size or config.batch_size,), generator=gen)
+                x, y = torch.cat([x, replay[0][drawn.to(device)]]), torch.cat([y, replay[1][drawn.to(device)]])
             if augment is not None:
                 x = augment(x, gen)
             loss = F.cross_entropy(model(x), y)  # class ids, or soft-label distributions (rows sum to 1)
@@ -70,6 +84,18 @@ def train_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, co
         scheduler.step()
         history.append(total / n)
     return history
+
+
+def _common_labels(labels: torch.Tensor, replay_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both label tensors as class ids, or both as distributions when either is soft (width: the larger one's)."""
+    if labels.ndim == 1 and replay_labels.ndim == 1:
+        return labels, replay_labels
+    width = max(t.shape[1] for t in (labels, replay_labels) if t.ndim == 2)
+
+    def soft(t: torch.Tensor) -> torch.Tensor:
+        return t.float() if t.ndim == 2 else F.one_hot(t.long(), width).float()
+
+    return soft(labels), soft(replay_labels)
 
 
 def train_with_learned_lrs(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, lrs: torch.Tensor, *,

@@ -2,17 +2,20 @@
 
 - `FedDistill`: clients upload distilled synthetic sets; the server trains on their pool (one-shot or multi-round).
 - `FedAvgDistill`: FedAvg whose aggregate is fine-tuned on a pooled synthetic memory (the hybrid).
+- `ContinualFedAvg`: FedAvg over a stream of tasks with client replay memories and an optional global distilled
+  memory on the server (federated continual learning; `TaskSchedule` says which task each round belongs to).
 - `MeteredFedAvg`: Flower's FedAvg with the same byte and failure accounting (the baseline).
 Every strategy keeps `traffic`: uplink/downlink bytes and failures (with reasons) per round.
 
 This package depends on `fedcl` and on Flower; `fedcl`'s core never imports it.
 """
 
+from strategies.continual import ContinualFedAvg, TaskSchedule
 from strategies.fed_distill import DISTILL_MESSAGE, FedDistill
 from strategies.fedavg import MeteredFedAvg
 from strategies.hybrid import FedAvgDistill
 from strategies.memory import SyntheticMemory, train_on_memory
 from strategies.traffic import Metered, MeteredGrid, RoundTraffic, TrafficLog
 
-__all__ = ["DISTILL_MESSAGE", "FedAvgDistill", "FedDistill", "Metered", "MeteredFedAvg", "MeteredGrid",
-           "RoundTraffic", "SyntheticMemory", "TrafficLog", "train_on_memory"]
+__all__ = ["DISTILL_MESSAGE", "ContinualFedAvg", "FedAvgDistill", "FedDistill", "Metered", "MeteredFedAvg",
+           "MeteredGrid", "RoundTraffic", "SyntheticMemory", "TaskSchedule", "TrafficLog", "train_on_memory"]

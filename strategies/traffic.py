@@ -68,7 +68,8 @@ class MeteredGrid:
         traffic = self._traffic[self._round]
         traffic.messages_sent += len(messages)
         traffic.downlink_bytes += sum(record_nbytes(m.content) for m in messages if m.has_content())
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        # In node order: Flower samples nodes in random order, and the float sums of an aggregation depend on it.
+        replies = sorted(self._grid.send_and_receive(messages, timeout=timeout), key=lambda r: r.metadata.src_node_id)
         traffic.replies += len(replies)
         for reply in replies:
             if reply.has_error():

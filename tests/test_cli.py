@@ -68,3 +68,20 @@ def test_help_explains_every_command():
     for command in ("distill", "evaluate", "show", "demo"):
         assert command in done.stdout
     assert "--iterations" in run("distill", "--help").stdout
+
+
+@pytest.mark.slow
+def test_demo_runs_the_federated_continual_comparison(tmp_path):
+    out = tmp_path / "demo"
+    done = run("demo", "--clients", "2", "--tasks", "2", "--rounds", "1", "--local-epochs", "2", "--width", "8",
+               "--distill-iterations", "5", "--strategies", "fedavg", "fedavg-replay", "fed-distill",
+               "--device", "cpu", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for strategy in ("fedavg", "fedavg-replay", "fed-distill"):
+        assert f"| {strategy}: " in done.stdout
+    assert "distilled - random replay:" in done.stdout
+    rows = (out / "tasks.csv").read_text().splitlines()
+    assert rows[0].startswith("strategy,seed,task,round,avg_accuracy,forgetting") and len(rows) == 1 + 3 * 2
+    assert (out / "accuracy.png").stat().st_size > 0 and (out / "fed-distill-seed0" / "tasks.csv").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert [row["run"] for row in summary["table"]] == ["fedavg", "fedavg-replay", "fed-distill"]

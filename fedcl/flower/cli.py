@@ -1,4 +1,5 @@
-"""`fedcl simulate`: run the federated app in-process on Flower's simulation engine and write its results.
+"""`fedcl simulate` (the federated app in-process on Flower's simulation engine) and `fedcl demo` (the main job:
+the federated continual comparison on digits).
 
 Kept light at import time (argparse only); Flower, Ray and torch are imported inside the handler.
 """
@@ -7,16 +8,19 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
 
 _EXAMPLES = """examples:
   fedcl simulate --dataset digits --clients 3 --strategy fed-distill --rounds 1 --seed 0 --out runs/sim
   fedcl simulate --dataset digits --clients 3 --strategy fedavg --rounds 5 --out runs/sim-fedavg
   fedcl simulate --dataset fashion-mnist --clients 10 --alpha 0.1 --strategy hybrid --rounds 20 --out runs/hybrid
+  fedcl simulate --scenario continual --dataset digits --clients 3 --tasks 2 --strategy fed-distill --seed 0 \
+      --out runs/fcl      # federated continual learning: OUT/tasks.csv (task, avg_accuracy, forgetting, ...)
 """
 
 
 def register(subparsers: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
-    from fedcl.flower.settings import STRATEGIES
+    from fedcl.flower.settings import CONTINUAL_STRATEGIES, SCENARIOS, STRATEGIES, TASK_ORDERS
 
     p = subparsers.add_parser(
         "simulate", help="run a federated simulation (FedAvg, FedDistill or the hybrid) with Flower",
@@ -27,8 +31,19 @@ def register(subparsers: argparse._SubParsersAction) -> dict[str, Callable[[argp
     p.add_argument("--dataset", default="digits", help="digits (embedded, default), fashion-mnist, mnist, cifar10")
     p.add_argument("--data-root", default="", help="directory with the dataset files")
     p.add_argument("--clients", type=int, default=3, help="number of simulated clients (default 3)")
-    p.add_argument("--strategy", default="fed-distill", choices=STRATEGIES, help="default fed-distill")
-    p.add_argument("--rounds", type=int, default=1, help="federated rounds (default 1: one-shot FedDistill)")
+    p.add_argument("--scenario", default="standard", choices=SCENARIOS,
+                   help="standard (one dataset, default) or continual (a class-incremental task stream per client)")
+    p.add_argument("--strategy", default="fed-distill", choices=sorted({*STRATEGIES, *CONTINUAL_STRATEGIES}),
+                   help=f"standard: {', '.join(STRATEGIES)}; continual: {', '.join(CONTINUAL_STRATEGIES)} "
+                        "(default fed-distill)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="federated rounds (default 1: one-shot FedDistill); continual: FedAvg rounds per task "
+                        "(memory strategies add one distillation round per task)")
+    p.add_argument("--tasks", type=int, default=5, help="continual: tasks, equal class groups (default 5)")
+    p.add_argument("--task-order", default="shared", choices=TASK_ORDERS,
+                   help="continual: every client meets the tasks in the same order (shared, default) or in its own")
+    p.add_argument("--replay-batch-size", type=int, default=64,
+                   help="continual: memory samples added to every local mini-batch (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of partitions, models and distillation (default 0)")
     p.add_argument("--out", default="runs/simulate", help="output directory (default runs/simulate)")
     p.add_argument("--partitioner", default="dirichlet", choices=("iid", "dirichlet", "classes"),
@@ -37,11 +52,14 @@ def register(subparsers: argparse._SubParsersAction) -> dict[str, Callable[[argp
     p.add_argument("--classes-per-client", type=int, default=2, help="k of --partitioner classes (default 2)")
     p.add_argument("--model", default="convnet", help="global model: convnet (default), mlp, lenet")
     p.add_argument("--width", type=int, default=32, help="ConvNet/MLP width (default 32, CPU-sized)")
-    p.add_argument("--ipc", type=int, default=10, help="synthetic images per class per client (default 10)")
+    p.add_argument("--ipc", type=int, default=10,
+                   help="synthetic images per class per client (default 10); continual: the memory budget")
     p.add_argument("--distill-iterations", type=int, default=100, help="client DM iterations (default 100)")
     p.add_argument("--upload-dtype", default="float32", choices=("float32", "float16"),
                    help="wire format of uploaded synthetic images (float16 halves the uplink; default float32)")
     p.add_argument("--local-epochs", type=int, default=1, help="FedAvg local epochs (default 1)")
+    p.add_argument("--local-lr", type=float, default=0.01, help="local SGD learning rate (default 0.01)")
+    p.add_argument("--local-batch-size", type=int, default=64, help="local mini-batch size (default 64)")
     p.add_argument("--server-epochs", type=int, default=100,
                    help="fed-distill: server epochs on the pooled memory per round (default 100)")
     p.add_argument("--finetune-epochs", type=int, default=10,
@@ -52,12 +70,60 @@ def register(subparsers: argparse._SubParsersAction) -> dict[str, Callable[[argp
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda[:i]")
     p.add_argument("--gpu-fraction", type=float, default=None,
                    help="GPU share per client when CUDA is present (default max(0.25, 1/clients))")
+    p.add_argument("--engine", default="ray", choices=("ray", "local"),
+                   help="Flower's simulation engine (ray, default) or the clients in this process one after another")
     p.add_argument("--verbose", action="store_true", help="Flower debug logging")
-    return {"simulate": cmd_simulate}
+    _register_demo(subparsers)
+    return {"simulate": cmd_simulate, "demo": cmd_demo}
+
+
+def _register_demo(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "demo", help="the main job: federated continual learning on digits, four strategies compared",
+        description="Federated continual learning on the embedded digits dataset: every client learns a "
+                    "class-incremental stream of tasks (its Dirichlet share of each task's classes), FedAvg over "
+                    "clients, and four strategies compared at the same memory budget: naive federated fine-tuning, "
+                    "random real-image replay, distilled replay (DM) and distilled replay + server memory.  Prints "
+                    "the table; writes OUT/tasks.csv, OUT/accuracy.png, OUT/summary.md and one folder per run.")
+    p.add_argument("--dataset", default="digits", help="digits (default), fashion-mnist, mnist")
+    p.add_argument("--data-root", default="", help="directory with the dataset files")
+    p.add_argument("--clients", type=int, default=3, help="clients (default 3)")
+    p.add_argument("--tasks", type=int, default=5, help="tasks (default 5 of 2 classes)")
+    p.add_argument("--rounds", type=int, default=2, help="FedAvg rounds per task (default 2)")
+    p.add_argument("--local-epochs", type=int, default=5, help="local epochs per round (default 5)")
+    p.add_argument("--local-lr", type=float, default=0.05, help="local SGD learning rate (default 0.05)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="local mini-batch: new samples, plus as many memory samples (default 16)")
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration within each task (0.5)")
+    p.add_argument("--ipc", type=int, default=10, help="memory: images per class per client (default 10)")
+    p.add_argument("--distill-iterations", type=int, default=100, help="client DM iterations (default 100)")
+    p.add_argument("--width", type=int, default=32, help="ConvNet width (default 32)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default 0)")
+    p.add_argument("--strategies", nargs="+", default=None, help="subset of the four (default all)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda[:i]")
+    p.add_argument("--engine", default="local", choices=("local", "ray"),
+                   help="clients in this process one after another (local, default) or Flower's Ray engine")
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fedcl.flower.comparison import LABELS, print_comparison, run_comparison
+    from fedcl.flower.settings import FedSettings
+
+    settings = FedSettings(dataset=args.dataset, data_root=args.data_root, scenario="continual", tasks=args.tasks,
+                           num_rounds=args.rounds, local_epochs=args.local_epochs, local_lr=args.local_lr,
+                           local_batch_size=args.batch_size, replay_batch_size=args.batch_size, alpha=args.alpha,
+                           ipc=args.ipc, distill_iterations=args.distill_iterations, width=args.width,
+                           device=args.device)
+    table = run_comparison(settings, args.clients, args.strategies or list(LABELS), args.seeds, args.out,
+                           engine=args.engine)
+    print_comparison(table)
+    print(f"wrote {args.out}/tasks.csv, accuracy.png, summary.md")
+    return 0
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from fedcl.flower.results import markdown_table, summarise
+    from fedcl.flower.results import markdown_table, read_csv, summarise, task_summary, task_table
     from fedcl.flower.settings import FedSettings
     from fedcl.flower.simulation import simulate, write_partitions
 
@@ -66,12 +132,20 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     settings = FedSettings(
         dataset=args.dataset, data_root=args.data_root, partitioner=args.partitioner, alpha=args.alpha,
         classes_per_client=args.classes_per_client, seed=args.seed, model=args.model, width=args.width,
-        strategy=args.strategy, num_rounds=args.rounds, fraction_evaluate=args.fraction_evaluate,
+        scenario=args.scenario, tasks=args.tasks, task_order=args.task_order,
+        replay_batch_size=args.replay_batch_size, strategy=args.strategy, num_rounds=args.rounds,
+        fraction_evaluate=args.fraction_evaluate,
         min_nodes=args.clients, ipc=args.ipc, distill_iterations=args.distill_iterations,
-        upload_dtype=args.upload_dtype, local_epochs=args.local_epochs, server_epochs=args.server_epochs,
+        upload_dtype=args.upload_dtype, local_epochs=args.local_epochs,
+        local_lr=args.local_lr, local_batch_size=args.local_batch_size, server_epochs=args.server_epochs,
         finetune_epochs=args.finetune_epochs, memory=args.memory, out_dir=args.out, device=args.device)
     print(write_partitions(settings, args.clients))
-    rows = simulate(settings, args.clients, gpu_fraction=args.gpu_fraction, verbose=args.verbose)
+    rows = simulate(settings, args.clients, gpu_fraction=args.gpu_fraction, verbose=args.verbose,
+                    engine=args.engine)
+    if settings.scenario == "continual":
+        print(task_table([task_summary(read_csv(Path(args.out) / "tasks.csv"), args.strategy)]))
+        print(f"wrote {args.out}/tasks.csv, tasks.png, rounds.csv, summary.md, partitions.png")
+        return 0
     print(markdown_table([summarise(rows, args.strategy)]))
     print(f"wrote {args.out}/rounds.csv, accuracy.png, summary.md, partitions.png")
     return 0

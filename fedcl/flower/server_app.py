@@ -2,19 +2,22 @@
 
 `flwr run` loads `app` (settings from `[tool.flwr.app.config]` and `--run-config`); `fedcl simulate` and the
 benchmark build an app with fixed settings through `make_server_app`.  The global model is evaluated on the
-server's copy of the test split before training and after every round (the `accuracy` column).
+server's copy of the test split before training and after every round (the `accuracy` column).  Runs with
+`scenario="continual"` go to `fedcl.flower.continual_server` (task schedule, per-task scores, tasks.csv).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from logging import INFO
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
+from torch import nn
 
 from fedcl.data import ImageDataset, load_dataset
 from fedcl.flower.records import arrays_to_model, model_to_arrays
@@ -44,28 +47,46 @@ def build_strategy(settings: FedSettings, dataset: ImageDataset) -> Strategy:
 
 
 def run_federation(grid: Grid, settings: FedSettings) -> list[dict[str, Any]]:
-    """Run `settings.num_rounds` rounds of the configured strategy; write and return the per-round rows."""
+    """Run `settings.num_rounds` rounds of the configured strategy; write and return the per-round rows.
+
+    The continual scenario is run by `fedcl.flower.continual_server.run_continual`."""
+    if settings.scenario == "continual":
+        from fedcl.flower.continual_server import run_continual
+
+        return run_continual(grid, settings)
     dataset = load_dataset(settings.dataset, settings.data_root or None)
     device = resolve_device(settings.device)
-    with seeded(settings.seed):
-        model = create_model(settings.model, dataset.image_shape, dataset.n_classes, **settings.model_cfg)
-    strategy = build_strategy(settings, dataset)
-    start, finished = time.perf_counter(), {}
 
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        accuracy = evaluate_model(arrays_to_model(model, arrays), dataset.test_images, dataset.test_labels,
-                                  device=device)
-        finished[server_round] = time.perf_counter() - start
-        return MetricRecord({"accuracy": accuracy})
+    def score(net: nn.Module, server_round: int) -> dict[str, float]:
+        return {"accuracy": evaluate_model(net, dataset.test_images, dataset.test_labels, device=device)}
 
-    result = strategy.start(grid=grid, initial_arrays=model_to_arrays(model), num_rounds=settings.num_rounds,
-                            timeout=settings.round_timeout, train_config=ConfigRecord(settings.to_config()),
-                            evaluate_config=ConfigRecord(settings.to_config()), evaluate_fn=evaluate)
-    rows = _rows(result.evaluate_metrics_serverapp, result.evaluate_metrics_clientapp, strategy.traffic, finished)
+    rows, _ = start_strategy(grid, settings, build_strategy(settings, dataset), dataset, settings.num_rounds, score)
     summary = write_results(rows, settings.out_dir, settings.strategy)
     log(INFO, "fedcl: %s -> final accuracy %.4f, uplink %d bytes; results in %s", settings.strategy,
         summary["final_accuracy"], summary["uplink_bytes"], settings.out_dir)
     return rows
+
+
+def start_strategy(grid: Grid, settings: FedSettings, strategy: Strategy, dataset: ImageDataset, num_rounds: int,
+                   score: Callable[[nn.Module, int], dict[str, float]]) -> tuple[list[dict[str, Any]], Result]:
+    """Run `strategy` for `num_rounds` from the seeded initial model, scoring the global model with
+    `score(net, round)` (which must return at least "accuracy") before training and after every round.
+
+    Returns the rows of rounds.csv and Flower's Result (whose evaluate_metrics_serverapp hold every score)."""
+    with seeded(settings.seed):
+        model = create_model(settings.model, dataset.image_shape, dataset.n_classes, **settings.model_cfg)
+    start, finished = time.perf_counter(), {}
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        scores = score(arrays_to_model(model, arrays), server_round)
+        finished[server_round] = time.perf_counter() - start
+        return MetricRecord(scores)
+
+    result = strategy.start(grid=grid, initial_arrays=model_to_arrays(model), num_rounds=num_rounds,
+                            timeout=settings.round_timeout, train_config=ConfigRecord(settings.to_config()),
+                            evaluate_config=ConfigRecord(settings.to_config()), evaluate_fn=evaluate)
+    rows = _rows(result.evaluate_metrics_serverapp, result.evaluate_metrics_clientapp, strategy.traffic, finished)
+    return rows, result
 
 
 def _rows(accuracy: dict[int, MetricRecord], client_metrics: dict[int, MetricRecord], traffic: TrafficLog,

@@ -13,7 +13,11 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+#: Strategies of the standard scenario (one fixed dataset) and of the continual one (a stream of tasks per client).
 STRATEGIES = ("fedavg", "fed-distill", "hybrid")
+CONTINUAL_STRATEGIES = ("fedavg", "fedavg-replay", "fed-distill", "fed-distill-server")
+SCENARIOS = ("standard", "continual")
+TASK_ORDERS = ("shared", "per-client")
 
 
 @dataclass(frozen=True)
@@ -23,12 +27,20 @@ class FedSettings:
     Data: dataset, data_root ("" = the dataset's default place), partitioner (iid, dirichlet, classes), alpha
     (Dirichlet concentration), classes_per_client (k of the "classes" partitioner), seed.
     Model: model, width, depth, norm (see `fedcl.models.create_model`).
-    Strategy: strategy (fedavg, fed-distill, hybrid), num_rounds, fraction_train, fraction_evaluate,
-    min_nodes (clients a round waits for), round_timeout (seconds).
-    Client distillation (fed-distill, hybrid): ipc (images per class), distill_iterations, batch_real,
+    Scenario: scenario ("standard": one dataset; "continual": every client learns a class-incremental stream of
+    `tasks` tasks, see `fedcl.data.streams`, met in a "shared" or "per-client" task_order).
+    Strategy: strategy (standard: fedavg, fed-distill, hybrid; continual: fedavg = naive federated fine-tuning,
+    fedavg-replay = replay of random real images, fed-distill = replay of distilled images, fed-distill-server =
+    distilled replay plus the server's global distilled memory), num_rounds (in the continual scenario: FedAvg
+    rounds per task; a memory strategy adds one distillation round at the end of each task), fraction_train,
+    fraction_evaluate, min_nodes (clients a round waits for), round_timeout (seconds).
+    Client distillation (fed-distill, hybrid; continual memories): ipc (images per class; in the continual
+    scenario the memory budget: ipc images per class per client, and the size per class of the server's replay
+    slice), distill_iterations, batch_real,
     guide_noise (relative perturbation of the global model's weights when clients distil against it),
     upload_dtype (wire format of the synthetic images: float32, or float16 for half the uplink).
-    Client training (fedavg, hybrid): local_epochs, local_lr, local_batch_size.
+    Client training (fedavg, hybrid, continual): local_epochs, local_lr, local_batch_size, replay_batch_size
+    (memory samples added to every mini-batch in the continual scenario).
     Server training on the pooled synthetic memory: server_epochs (fed-distill, every round), finetune_epochs
     (hybrid, after every aggregation), server_lr, server_batch_size (small pools need small batches to get
     enough steps per epoch), memory ("all" sets ever received or each client's "latest").
@@ -45,6 +57,9 @@ class FedSettings:
     width: int = 32
     depth: int = 3
     norm: str = "instancenorm"
+    scenario: str = "standard"
+    tasks: int = 5
+    task_order: str = "shared"
     strategy: str = "fed-distill"
     num_rounds: int = 1
     fraction_train: float = 1.0
@@ -59,6 +74,7 @@ class FedSettings:
     local_epochs: int = 1
     local_lr: float = 0.01
     local_batch_size: int = 64
+    replay_batch_size: int = 64
     server_epochs: int = 100
     finetune_epochs: int = 10
     server_lr: float = 0.01
@@ -68,14 +84,20 @@ class FedSettings:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {list(STRATEGIES)}")
+        if self.scenario not in SCENARIOS:
+            raise ValueError(f"unknown scenario {self.scenario!r}; choose one of {list(SCENARIOS)}")
+        allowed = CONTINUAL_STRATEGIES if self.scenario == "continual" else STRATEGIES
+        if self.strategy not in allowed:
+            raise ValueError(f"unknown strategy {self.strategy!r} for the {self.scenario} scenario; choose one of "
+                             f"{list(allowed)}")
+        if self.task_order not in TASK_ORDERS:
+            raise ValueError(f"task-order must be one of {list(TASK_ORDERS)}, got {self.task_order!r}")
         if self.upload_dtype not in ("float32", "float16"):
             raise ValueError(f"upload-dtype must be 'float32' or 'float16', got {self.upload_dtype!r}")
         if self.memory not in ("all", "latest"):
             raise ValueError(f"memory must be 'all' or 'latest', got {self.memory!r}")
-        if self.num_rounds < 1 or self.ipc < 1 or self.min_nodes < 1:
-            raise ValueError("num-rounds, ipc and min-nodes must be >= 1")
+        if min(self.num_rounds, self.ipc, self.min_nodes, self.tasks, self.replay_batch_size) < 1:
+            raise ValueError("num-rounds, ipc, min-nodes, tasks and replay-batch-size must be >= 1")
 
     @property
     def model_cfg(self) -> dict[str, Any]:
@@ -85,6 +107,18 @@ class FedSettings:
         if self.model == "mlp":
             return {"width": self.width, "depth": self.depth}
         return {}
+
+    @property
+    def memory_distiller(self) -> str | None:
+        """Continual scenario: the distiller that fills the clients' memories ("dm", "random" real images) or
+        None when the strategy keeps no memory."""
+        return {"fedavg-replay": "random", "fed-distill": "dm", "fed-distill-server": "dm"}.get(self.strategy) \
+            if self.scenario == "continual" else None
+
+    @property
+    def server_memory(self) -> bool:
+        """Continual scenario: clients upload their new synthetic sets to the server's global memory."""
+        return self.scenario == "continual" and self.strategy == "fed-distill-server"
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], **overrides: Any) -> FedSettings:

@@ -3,7 +3,6 @@ benchmark call.  Every virtual client is a SuperNode with node config `partition
 
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 from fedcl.data import class_histogram, format_histogram, load_dataset, partition, plot_histogram
 from fedcl.files import atomic_write
+from fedcl.flower.results import read_csv
 from fedcl.flower.settings import FedSettings
 
 #: Keep Flower and Ray quiet and offline (no telemetry, no update checks).
@@ -44,21 +44,33 @@ def write_partitions(settings: FedSettings, n_clients: int) -> str:
     return table
 
 
+#: Simulation engines: Flower's (Ray, one worker process per client) or the in-process `LocalGrid`.
+ENGINES = ("ray", "local")
+
+
 def simulate(settings: FedSettings, n_clients: int, *, gpu_fraction: float | None = None,
-             verbose: bool = False) -> list[dict[str, Any]]:
-    """Run the ServerApp and `n_clients` ClientApps with Flower's `run_simulation`; return the rows of rounds.csv."""
+             verbose: bool = False, engine: str = "ray") -> list[dict[str, Any]]:
+    """Run the ServerApp and `n_clients` ClientApps with Flower's `run_simulation` (engine "ray") or with the
+    clients in this process, one after another (engine "local", `fedcl.flower.local_grid`); return the rows of
+    rounds.csv."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {list(ENGINES)}")
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     from flwr.simulation import run_simulation
 
     from fedcl.flower.client_app import app as client_app
-    from fedcl.flower.server_app import make_server_app
+    from fedcl.flower.server_app import make_server_app, run_federation
 
     if n_clients < settings.min_nodes:
         settings = replace(settings, min_nodes=n_clients)
+    if engine == "local":
+        from fedcl.flower.local_grid import LocalGrid
+
+        run_federation(LocalGrid(client_app, n_clients), settings)
+        return read_csv(Path(settings.out_dir) / "rounds.csv")
     backend = {"client_resources": client_resources(n_clients, gpu_fraction),
                "init_args": {"include_dashboard": False}}
     run_simulation(server_app=make_server_app(settings), client_app=client_app, num_supernodes=n_clients,
                    backend_config=backend, verbose_logging=verbose)
-    with open(Path(settings.out_dir) / "rounds.csv", newline="") as f:
-        return list(csv.DictReader(f))
+    return read_csv(Path(settings.out_dir) / "rounds.csv")

@@ -1,0 +1,237 @@
+"""DistilledMemory: a replay memory of distilled data under a fixed budget - the one implementation of its logic.
+
+One SyntheticSet per key (an Avalanche experience, a federated client's task).  Adding a key distils its data into
+`ipc` synthetic images per class.  Two budgets:
+- `max_size` (total images): ipc = max_size // (classes held, counted once per key), so ipc shrinks as classes
+  arrive and the sets already held are compressed to the new ipc - re-distilled from their own synthetic images
+  (default), herded or truncated within them - never dropped, so every class seen stays represented;
+- `images_per_class`: a fixed ipc; the memory grows by that many images per new class.
+
+The memory is persisted as SyntheticSet safetensors blobs plus a JSON index (`dump` / `restore`), on disk
+(`save` / `load`, atomic writes) or in any key-value store such as a Flower client's `Context.state`; nothing is
+ever unpickled and every set is validated on the way back.  `fedcl.avalanche.DistilledBuffer` wraps this class
+for Avalanche; the federated continual client (`fedcl.flower.continual_client`) uses it directly.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedcl.distill.base import Distiller, Source, create_distiller
+from fedcl.files import atomic_write
+from fedcl.synthetic import SyntheticSet, SyntheticSetError
+
+COMPRESSIONS = ("redistill", "herding", "truncate")
+INDEX_FILE = "memory.json"
+
+
+class DistilledMemory:
+    """Distilled sets by key under a budget of `max_size` images in all or `images_per_class` images per class.
+
+    compress: how held sets shrink when new classes arrive under `max_size`: "redistill" (the distiller passed to
+        `add`/`resize`, from the stored synthetic images), "herding" (herding within them, pixel features) or
+        "truncate" (the first images of each class).
+    seed: seed of the herding compression.
+    """
+
+    def __init__(self, max_size: int | None = None, *, images_per_class: int | None = None,
+                 compress: str = "redistill", seed: int = 0) -> None:
+        if (max_size is None) == (images_per_class is None):
+            raise ValueError("give exactly one memory budget: max_size (total images) or images_per_class")
+        if (max_size is not None and max_size < 1) or (images_per_class is not None and images_per_class < 1):
+            raise ValueError(f"memory budget must be >= 1, got max_size={max_size}, "
+                             f"images_per_class={images_per_class}")
+        if compress not in COMPRESSIONS:
+            raise ValueError(f"compress must be one of {COMPRESSIONS}, got {compress!r}")
+        self.max_size, self.images_per_class = max_size, images_per_class
+        self.compress, self.seed = compress, int(seed)
+        self.sets: dict[int, SyntheticSet] = {}
+        #: One record per `add`: the key, its ipc, the memory size after it, seconds distilling and compressing.
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ what is held
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.sets.values())
+
+    @property
+    def n_groups(self) -> int:
+        """Classes held, counted once per key (permuted streams repeat classes across keys)."""
+        return sum(len(s.classes()) for s in self.sets.values())
+
+    def seen_classes(self) -> list[int]:
+        return sorted({c for s in self.sets.values() for c in s.classes()})
+
+    def ipc_for(self, n_groups: int) -> int:
+        """Images per class for `n_groups` classes under the budget; an error if the budget cannot hold them."""
+        if self.images_per_class is not None:
+            return self.images_per_class
+        ipc = self.max_size // max(1, n_groups)
+        if ipc < 1:
+            raise ValueError(f"a memory of {self.max_size} images cannot keep one image for each of {n_groups} "
+                             "classes seen; raise the memory size or give images_per_class")
+        return ipc
+
+    def capacity(self) -> int:
+        """The most images the budget allows for the classes held now."""
+        if self.max_size is not None:
+            return self.max_size
+        return self.images_per_class * self.n_groups
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(images, hard labels, task labels) of every held set, in key order (empty tensors when nothing is held)."""
+        if not self.sets:
+            return torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+        ordered = [self.sets[k] for k in sorted(self.sets)]
+        tasks = [torch.full((len(s),), task_label(s), dtype=torch.long) for s in ordered]
+        return (torch.cat([s.images for s in ordered]), torch.cat([s.hard_labels for s in ordered]),
+                torch.cat(tasks))
+
+    def soft_targets(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(images, target distributions) of the soft-labelled sets held, or None when all labels are hard."""
+        soft = [s for s in self.sets.values() if s.soft_labels]
+        if not soft:
+            return None
+        return torch.cat([s.images for s in soft]), torch.cat([as_distribution(s.labels) for s in soft])
+
+    # ------------------------------------------------------------------ changing it
+    def add(self, key: int, images: torch.Tensor, labels: torch.Tensor, distiller: Distiller, *, n_classes: int,
+            source: Source | None = None, task: int = 0) -> SyntheticSet:
+        """Distil (images, labels) into the set held under `key` (replacing any earlier one), first compressing
+        the other sets to make room; return the new set."""
+        new_groups = len(torch.unique(labels))
+        previous = self.sets.pop(int(key), None)
+        ipc = self.ipc_for(self.n_groups + new_groups)
+        start = time.perf_counter()
+        try:
+            self.shrink_to(ipc, distiller)
+        except BaseException:
+            if previous is not None:
+                self.sets[int(key)] = previous
+            raise
+        compress_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        synset = distiller.distill(images, labels, ipc=ipc, n_classes=n_classes, source=source or Source())
+        self.sets[int(key)] = tagged(synset, task)
+        self.history.append({"key": int(key), "ipc": ipc, "n_images": len(self),
+                             "distill_seconds": round(time.perf_counter() - start, 3),
+                             "compress_seconds": round(compress_seconds, 3)})
+        return self.sets[int(key)]
+
+    def resize(self, new_size: int, distiller: Distiller | None = None) -> None:
+        """Change to a total budget of `new_size` images; held sets are compressed (never dropped) to fit."""
+        if new_size < 1:
+            raise ValueError(f"memory budget must be >= 1, got {new_size}")
+        self.max_size, self.images_per_class = new_size, None
+        if self.sets:
+            self.shrink_to(self.ipc_for(self.n_groups), distiller)
+
+    def shrink_to(self, ipc: int, distiller: Distiller | None = None) -> None:
+        """Compress every held set with more than `ipc` images per class down to `ipc`."""
+        for key, synset in self.sets.items():
+            if synset.meta.ipc > ipc:
+                self.sets[key] = tagged(self._compressed(synset, ipc, distiller), task_label(synset))
+
+    def _compressed(self, synset: SyntheticSet, ipc: int, distiller: Distiller | None) -> SyntheticSet:
+        if self.compress == "truncate":
+            return truncate(synset, ipc)
+        if self.compress == "herding":
+            distiller = create_distiller("herding", features="pixels", seed=self.seed)
+        if distiller is None:
+            raise ValueError("compress='redistill' needs the distiller to shrink the held sets")
+        source = Source(synset.meta.dataset, synset.meta.mean, synset.meta.std)
+        return distiller.distill(synset.images, synset.hard_labels, ipc=ipc, n_classes=synset.meta.n_classes,
+                                 source=source)
+
+    # ------------------------------------------------------------------ persistence
+    def dump(self, **extra: Any) -> dict[str, bytes]:
+        """The memory as named blobs: INDEX_FILE (JSON: budget, files by key, `extra`) and one safetensors blob per
+        set.  `restore` reads them back; `save` writes them as files."""
+        files = {str(key): f"set-{key:03d}.safetensors" for key in sorted(self.sets)}
+        index = {"max_size": self.max_size, "images_per_class": self.images_per_class, "files": files, **extra}
+        blobs = {name: self.sets[int(key)].to_bytes() for key, name in files.items()}
+        return {INDEX_FILE: json.dumps(index).encode(), **blobs}
+
+    def restore(self, blobs: dict[str, bytes]) -> dict[str, Any]:
+        """Replace the held sets with those in `blobs` (made by `dump`; validated, never unpickled); return the
+        index (with any `extra` keys given to `dump`).  The budget stays this memory's own."""
+        try:
+            index = json.loads(blobs[INDEX_FILE])
+            files = {int(k): str(v) for k, v in index["files"].items()}
+        except (KeyError, ValueError, TypeError, AttributeError) as err:
+            raise SyntheticSetError(f"memory index {INDEX_FILE} is missing or malformed: {err!r}") from None
+        sets = {}
+        for key, name in files.items():
+            if Path(name).name != name or name == INDEX_FILE:
+                raise SyntheticSetError(f"memory index names a file outside the memory: {name!r}")
+            if name not in blobs:
+                raise SyntheticSetError(f"memory index names {name!r}, which is missing")
+            try:
+                sets[key] = SyntheticSet.from_bytes(blobs[name])
+            except SyntheticSetError as err:
+                raise SyntheticSetError(f"{name}: {err}") from None
+            task_label(sets[key])  # fail early on a set without a usable task label
+        self.sets = sets
+        return index
+
+    def save(self, directory: str | Path, **extra: Any) -> Path:
+        """Write the memory under `directory` (one safetensors file per set, then the index), atomically per file."""
+        directory = Path(directory)
+        blobs = self.dump(**extra)
+        index = blobs.pop(INDEX_FILE)
+        for name, data in blobs.items():
+            atomic_write(directory / name, lambda f, data=data: f.write(data))
+        atomic_write(directory / INDEX_FILE, lambda f: f.write(index))  # last: it names only complete files
+        return directory
+
+    def load(self, directory: str | Path) -> dict[str, Any]:
+        """Restore a memory written by `save`; return its index.  SyntheticSetError names what is wrong."""
+        directory = Path(directory)
+        try:
+            blobs = {INDEX_FILE: (directory / INDEX_FILE).read_bytes()}
+            names = json.loads(blobs[INDEX_FILE])["files"].values()
+            blobs.update({name: (directory / name).read_bytes() for name in names if Path(name).name == name})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise SyntheticSetError(f"{directory / INDEX_FILE} is missing or malformed: {err}") from None
+        try:
+            return self.restore(blobs)
+        except SyntheticSetError as err:
+            raise SyntheticSetError(f"{directory}: {err}") from None
+
+
+def truncate(synset: SyntheticSet, ipc: int) -> SyntheticSet:
+    """The first `ipc` images of every class (stable order), labels and metadata kept."""
+    hard = synset.hard_labels
+    rank = torch.zeros_like(hard)
+    for c in synset.classes():
+        members = torch.nonzero(hard == c).flatten()
+        rank[members] = torch.arange(len(members))
+    keep = rank < ipc
+    return replace(synset, images=synset.images[keep].clone(), labels=synset.labels[keep].clone(),
+                   meta=replace(synset.meta, ipc=min(ipc, synset.meta.ipc)))
+
+
+def tagged(synset: SyntheticSet, task: int) -> SyntheticSet:
+    """The set with its task label recorded in the metadata (so a saved memory restores it)."""
+    return replace(synset, meta=replace(synset.meta, extra={**synset.meta.extra, "task_label": int(task)}))
+
+
+def task_label(synset: SyntheticSet) -> int:
+    """The task label recorded by `tagged` (0 when absent); SyntheticSetError when it is not a valid one."""
+    value = synset.meta.extra.get("task_label", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SyntheticSetError(f"metadata extra.task_label must be a non-negative integer, got {value!r}")
+    return value
+
+
+def as_distribution(labels: torch.Tensor) -> torch.Tensor:
+    """Soft labels as probability rows: kept when they already are distributions, else read as logits."""
+    labels = labels.float()
+    if bool((labels >= 0).all()) and torch.allclose(labels.sum(dim=1), torch.ones(len(labels)), atol=1e-3):
+        return labels
+    return labels.softmax(dim=1)

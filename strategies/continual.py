@@ -1,0 +1,166 @@
+"""Federated continual learning: FedAvg over a stream of tasks, with the clients' replay memories and optionally a
+global distilled memory on the server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from logging import INFO
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from fedcl.data import ClassIndex
+from fedcl.flower.records import synset_to_record
+from fedcl.runtime import generator as make_generator
+from fedcl.synthetic import MAX_BYTES, SyntheticMeta, SyntheticSet
+from fedcl.train import TrainConfig
+from strategies.fed_distill import DISTILL_MESSAGE
+from strategies.memory import SyntheticMemory, train_on_memory
+from strategies.traffic import Metered
+
+
+@dataclass(frozen=True)
+class TaskSchedule:
+    """Which task and which phase every server round belongs to.
+
+    Each task has `rounds_per_task` FedAvg rounds ("train") and, when the clients keep a memory, one more round
+    ("distill") in which they distil the task's data into it.  Rounds count from 1.
+    """
+
+    rounds_per_task: int
+    tasks: int
+    distill_round: bool
+
+    @property
+    def rounds_in_task(self) -> int:
+        return self.rounds_per_task + int(self.distill_round)
+
+    @property
+    def num_rounds(self) -> int:
+        return self.tasks * self.rounds_in_task
+
+    def task_of(self, server_round: int) -> int:
+        """The task a round belongs to (round 0, before training, counts as task 0)."""
+        return max(0, server_round - 1) // self.rounds_in_task
+
+    def phase(self, server_round: int) -> str:
+        """"train" or "distill"."""
+        within = (server_round - 1) % self.rounds_in_task
+        return "distill" if within == self.rounds_per_task else "train"
+
+    def last_round(self, task: int) -> int:
+        """The task's last round: the model after it is the one the task is scored on."""
+        return (task + 1) * self.rounds_in_task
+
+    def is_task_start(self, server_round: int) -> bool:
+        return (server_round - 1) % self.rounds_in_task == 0
+
+
+class ContinualFedAvg(Metered, FedAvg):
+    """FedAvg over a class-incremental stream of tasks on every client.
+
+    Train rounds are FedAvg's (the clients train on their current task with replay of their memory; the
+    `config` sent carries the task number).  With `schedule.distill_round` every task ends with a round in which
+    the clients distil the task into their memory (message type `train.distill`).  With `server_memory` the
+    clients also upload the new synthetic sets in that round; the server keeps every valid set (a global distilled
+    memory of all classes seen anywhere), fine-tunes the global model on it at the end of each task, and at the
+    start of the next task sends each client a class-balanced slice of it for the classes that client never had
+    (at most `slice_ipc` images per class), which the client replays beside its own memory.
+
+    Parameters
+    ----------
+    schedule : TaskSchedule
+        Tasks, FedAvg rounds per task and whether each task ends with a distillation round.
+    image_shape, n_classes :
+        What every uploaded set must match.
+    server_memory : bool (default: False)
+        Keep the uploaded sets, fine-tune on them and send slices back (needs `schedule.distill_round`).
+    model, model_cfg :
+        `fedcl.models.create_model` name and options of the global model (for the fine-tuning).
+    finetune_config : TrainConfig (default: TrainConfig(epochs=10, decay_at=1.0))
+        How the server fine-tunes the global model on its memory at the end of a task.
+    slice_ipc : int (default: 10)
+        Images per class in the replay slice sent to a client.
+    max_images_per_client, max_bytes_per_client :
+        Largest set accepted from one client in one upload.
+    device, seed :
+        Where the server fine-tunes and the seed of the fine-tuning and of the slices.
+    fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes, ... :
+        As in Flower's `FedAvg`.
+    """
+
+    def __init__(self, *, schedule: TaskSchedule, image_shape: tuple[int, int, int], n_classes: int,
+                 server_memory: bool = False, model: str = "convnet", model_cfg: dict | None = None,
+                 finetune_config: TrainConfig = TrainConfig(epochs=10, decay_at=1.0), slice_ipc: int = 10,
+                 max_images_per_client: int = 10_000, max_bytes_per_client: int = MAX_BYTES, device: str = "auto",
+                 seed: int = 0, **fedavg_options) -> None:
+        super().__init__(**fedavg_options)
+        if server_memory and not schedule.distill_round:
+            raise ValueError("a server memory needs a distillation round at the end of every task")
+        self.schedule, self.server_memory, self.slice_ipc = schedule, server_memory, slice_ipc
+        self.model, self.model_cfg, self.finetune_config = model, dict(model_cfg or {}), finetune_config
+        self.device, self.seed = device, seed
+        self.memory = SyntheticMemory(image_shape=image_shape, n_classes=n_classes, policy="all",
+                                      max_images=max_images_per_client, max_bytes=max_bytes_per_client)
+        self._arrays: ArrayRecord | None = None
+
+    def summary(self) -> None:
+        super().summary()
+        log(INFO, "\t└──> ContinualFedAvg: %s, server memory=%s", self.schedule, self.server_memory)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """FedAvg's train messages for the current task (with replay slices at a task's start), or the
+        distillation request at its end."""
+        self._arrays = arrays
+        config["task"] = self.schedule.task_of(server_round)
+        if self.schedule.phase(server_round) == "distill":
+            config["server-round"] = server_round
+            sample_size = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
+            node_ids, _ = sample_nodes(grid, self.min_available_nodes, sample_size)
+            return [Message(content=RecordDict({self.configrecord_key: config}), message_type=DISTILL_MESSAGE,
+                            dst_node_id=node) for node in node_ids]
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        if not (self.server_memory and self.schedule.is_task_start(server_round) and len(self.memory)):
+            return messages
+        return [self._with_slice(m, server_round) for m in messages]
+
+    def _with_slice(self, message: Message, server_round: int) -> Message:
+        """The train message plus a replay slice of the classes its node never uploaded (unchanged if none)."""
+        node = int(message.metadata.dst_node_id)
+        images, labels = self.memory.pooled()
+        own = {c for s in self.memory.sets.get(node, []) for c in s.classes()}
+        missing = sorted(set(labels.tolist()) - own)
+        if not missing:
+            return message
+        keep = torch.isin(labels, torch.tensor(missing))
+        picks, _ = ClassIndex(labels[keep], self.memory.n_classes).sample(
+            self.slice_ipc, make_generator(self.seed * 1009 + server_round * 31 + node % 100_003))
+        meta = SyntheticMeta(method="server-slice", n_classes=self.memory.n_classes, ipc=self.slice_ipc)
+        replay = SyntheticSet(images[keep][picks], labels[keep][picks], meta)
+        content = RecordDict({**message.content, **synset_to_record(replay)})
+        return Message(content=content, message_type=message.metadata.message_type, dst_node_id=node)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """FedAvg in train rounds; in a distillation round, store the uploaded sets and fine-tune on them."""
+        if self.schedule.phase(server_round) == "train":
+            return super().aggregate_train(server_round, replies)
+        replies = list(replies)
+        arrays = None
+        if self.server_memory:
+            self.memory.accept(server_round, replies, self.traffic)
+            if len(self.memory) and self._arrays is not None:
+                arrays = train_on_memory(self._arrays, self.memory, model=self.model, model_cfg=self.model_cfg,
+                                         config=self.finetune_config, device=self.device,
+                                         seed=self.seed + server_round)
+        ok = [r for r in replies if not r.has_error()]
+        client_memory = sum(int(r.content["metrics"].get("memory-images", 0)) for r in ok if "metrics" in r.content)
+        metrics = MetricRecord({"clients-ok": len(ok), "server-memory-images": len(self.memory),
+                                "client-memory-images": client_memory, **self.failure_metrics(server_round)})
+        return arrays, metrics
