@@ -9,6 +9,7 @@ from flwr.app import ArrayRecord, Message
 
 from fedcl.flower.records import arrays_to_model, model_to_arrays, synset_from_record
 from fedcl.models import create_model
+from fedcl.screen import EmbeddingScreen
 from fedcl.synthetic import SyntheticSet, SyntheticSetError
 from fedcl.train import TrainConfig, train_model
 from strategies.traffic import TrafficLog
@@ -18,35 +19,52 @@ class SyntheticMemory:
     """Validated synthetic sets by client node: every set ever received ("all") or each client's "latest".
 
     image_shape / n_classes: what every set must match.  max_images / max_bytes: per-set ceilings; a set above
-    them is rejected as oversize.
+    them is rejected as oversize.  screen: when given, the valid sets of a round are screened together
+    (`fedcl.screen`) and the outliers are refused as failures with the screen's reason.
     """
 
     def __init__(self, *, image_shape: tuple[int, int, int], n_classes: int, max_images: int, max_bytes: int,
-                 policy: str = "all") -> None:
+                 policy: str = "all", screen: EmbeddingScreen | None = None) -> None:
         if policy not in ("all", "latest"):
             raise ValueError(f"memory policy must be 'all' or 'latest', got {policy!r}")
         self.image_shape, self.n_classes, self.policy = tuple(image_shape), n_classes, policy
-        self.max_images, self.max_bytes = max_images, max_bytes
+        self.max_images, self.max_bytes, self.screen = max_images, max_bytes, screen
         self.sets: dict[int, list[SyntheticSet]] = {}
 
     def accept(self, server_round: int, replies: Iterable[Message], traffic: TrafficLog) -> int:
-        """Decode and store the synthetic set of every successful reply; a malformed one is a failure with its
-        reason.  Returns how many sets were accepted."""
-        accepted = 0
+        """Decode, screen and store the synthetic set of every successful reply; a malformed or screened-out set
+        is a failure with its reason.  Returns how many sets were accepted."""
+        arrived = self._decode(server_round, replies, traffic)
+        if self.screen is not None and arrived:
+            verdict = self.screen([synset for _, synset in arrived])
+            for i in verdict.outliers:
+                traffic.fail(server_round, arrived[i][0], verdict.reasons[i])
+                traffic[server_round].screened += 1
+            arrived = [arrived[i] for i in verdict.kept()]
+        for node, synset in arrived:
+            self.add(node, synset)
+        return len(arrived)
+
+    def _decode(self, server_round: int, replies: Iterable[Message],
+                traffic: TrafficLog) -> list[tuple[int, SyntheticSet]]:
+        """(node, set) of every reply that carries a valid set; the others are failures with the reason."""
+        arrived = []
         for reply in replies:
             if reply.has_error():
                 continue  # already counted by the metered grid
             node = int(reply.metadata.src_node_id)
             try:
-                synset = synset_from_record(reply.content, image_shape=self.image_shape, n_classes=self.n_classes,
-                                            max_images=self.max_images, max_bytes=self.max_bytes)
+                arrived.append((node, synset_from_record(reply.content, image_shape=self.image_shape,
+                                                         n_classes=self.n_classes, max_images=self.max_images,
+                                                         max_bytes=self.max_bytes)))
             except SyntheticSetError as err:
                 traffic.fail(server_round, node, f"rejected synthetic set: {err}")
-                continue
-            kept = self.sets.get(node, []) if self.policy == "all" else []
-            self.sets[node] = [*kept, synset]
-            accepted += 1
-        return accepted
+        return arrived
+
+    def add(self, node: int, synset: SyntheticSet) -> None:
+        """Store a (validated) set from `node` under the memory policy."""
+        kept = self.sets.get(node, []) if self.policy == "all" else []
+        self.sets[node] = [*kept, synset]
 
     def __len__(self) -> int:
         return sum(len(s) for sets in self.sets.values() for s in sets)

@@ -24,12 +24,14 @@ from fedcl.flower.records import record_nbytes
 
 @dataclass
 class RoundTraffic:
-    """What one round moved and who failed in it."""
+    """What one round moved and who failed in it (`screened`: how many of the failures were valid sets that the
+    poisoning screen refused)."""
 
     uplink_bytes: int = 0
     downlink_bytes: int = 0
     messages_sent: int = 0
     replies: int = 0
+    screened: int = 0
     failures: list[tuple[int, str]] = field(default_factory=list)
 
 
@@ -97,4 +99,5 @@ class Metered:
 
     def failure_metrics(self, server_round: int) -> MetricRecord:
         """Failures so far in this round, as metrics for the round's MetricRecord."""
-        return MetricRecord({"clients-failed": len(self.traffic[server_round].failures)})
+        traffic = self.traffic[server_round]
+        return MetricRecord({"clients-failed": len(traffic.failures), "clients-screened": traffic.screened})
