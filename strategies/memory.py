@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import hashlib
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, Message
@@ -69,10 +72,44 @@ class SyntheticMemory:
     def __len__(self) -> int:
         return sum(len(s) for sets in self.sets.values() for s in sets)
 
+    def save(self, directory: str | Path) -> dict[str, list[str]]:
+        """Write every stored set into `directory` (once: files are named by node and content hash) and return the
+        index that `restore` needs: {node: [file names, in arrival order]}."""
+        directory, index = Path(directory), {}
+        for node, sets in self.sets.items():
+            index[str(node)] = []
+            for synset in sets:
+                name = f"{node}-{hashlib.sha256(synset.to_bytes()).hexdigest()[:16]}.safetensors"
+                if not (directory / name).is_file():
+                    synset.save(directory / name)
+                index[str(node)].append(name)
+        return index
+
+    def restore(self, directory: str | Path, index: Mapping[str, list[str]]) -> None:
+        """Replace the stored sets by those `save` wrote; each file is validated against this memory's limits.
+        Raise ValueError (SyntheticSetError for a bad set file) naming the problem."""
+        if not isinstance(index, Mapping):
+            raise ValueError(f"memory index must map nodes to file lists, got {type(index).__name__}")
+        sets: dict[int, list[SyntheticSet]] = {}
+        for node, names in index.items():
+            if not (isinstance(node, str) and node.isdigit() and isinstance(names, list)):
+                raise ValueError(f"memory index entry {node!r} is malformed")
+            for name in names:
+                if not isinstance(name, str) or not _SET_FILE.fullmatch(name) or not name.startswith(f"{node}-"):
+                    raise ValueError(f"memory index names {name!r}, not a set file of node {node}")
+                sets.setdefault(int(node), []).append(SyntheticSet.load(
+                    Path(directory) / name, image_shape=self.image_shape, n_classes=self.n_classes,
+                    max_images=self.max_images, max_bytes=self.max_bytes))
+        self.sets = sets
+
     def pooled(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All stored images and hard labels, concatenated."""
         sets = [s for group in self.sets.values() for s in group]
         return torch.cat([s.images for s in sets]), torch.cat([s.hard_labels for s in sets])
+
+
+#: Names of the set files `SyntheticMemory.save` writes: node id, dash, 16 hex digits of the content hash.
+_SET_FILE = re.compile(r"[0-9]+-[0-9a-f]{16}\.safetensors")
 
 
 def train_on_memory(arrays: ArrayRecord, memory: SyntheticMemory, *, model: str, model_cfg: dict,

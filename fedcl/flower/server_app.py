@@ -2,13 +2,15 @@
 
 `flwr run` loads `app` (settings from `[tool.flwr.app.config]` and `--run-config`); `fedcl simulate` and the
 benchmark build an app with fixed settings through `make_server_app`.  The global model is evaluated on the
-server's copy of the test split before training and after every round (the `accuracy` column).
+server's copy of the test split before training and after every round (the `accuracy` column); after every
+round the server also writes its checkpoint, from which `resume` continues a run that was interrupted.
 """
 
 from __future__ import annotations
 
 import time
 from logging import INFO
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -17,13 +19,14 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fedcl.data import ImageDataset, load_dataset
+from fedcl.flower.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fedcl.flower.records import arrays_to_model, model_to_arrays
-from fedcl.flower.results import write_results
+from fedcl.flower.results import write_results, write_rounds_csv
 from fedcl.flower.settings import FedSettings
 from fedcl.models import create_model
 from fedcl.runtime import resolve_device, seeded
 from fedcl.train import TrainConfig, evaluate_model
-from strategies import FedAvgDistill, FedDistill, MeteredFedAvg, TrafficLog
+from strategies import FedAvgDistill, FedDistill, Metered, MeteredFedAvg
 
 
 def build_strategy(settings: FedSettings, dataset: ImageDataset) -> Strategy:
@@ -45,46 +48,65 @@ def build_strategy(settings: FedSettings, dataset: ImageDataset) -> Strategy:
 
 
 def run_federation(grid: Grid, settings: FedSettings) -> list[dict[str, Any]]:
-    """Run `settings.num_rounds` rounds of the configured strategy; write and return the per-round rows."""
+    """Run `settings.num_rounds` rounds of the configured strategy; write and return the per-round rows.
+
+    After every completed round the server checkpoints itself under out_dir (`fedcl.flower.checkpoint`) and
+    rewrites rounds.csv; with `settings.resume` it continues from that checkpoint's next round.
+    """
     dataset = load_dataset(settings.dataset, settings.data_root or None)
     device = resolve_device(settings.device)
     with seeded(settings.seed):
         model = create_model(settings.model, dataset.image_shape, dataset.n_classes, **settings.model_cfg)
     strategy = build_strategy(settings, dataset)
-    start, finished = time.perf_counter(), {}
+    initial, rows, traffic = model_to_arrays(model), [], None
+    if settings.resume:
+        checkpoint = load_checkpoint(settings.out_dir, settings=settings.to_config(), reference=initial,
+                                     memory=getattr(strategy, "memory", None))
+        if checkpoint is None:
+            log(INFO, "fedcl: no checkpoint under %s; starting from round 1", settings.out_dir)
+        elif checkpoint.server_round > settings.num_rounds:
+            raise CheckpointError(f"the checkpoint is at round {checkpoint.server_round}, beyond num-rounds "
+                                  f"{settings.num_rounds}")
+        else:
+            initial, rows, traffic = checkpoint.arrays, checkpoint.rows, checkpoint.traffic
+            log(INFO, "fedcl: resuming after round %s from %s", checkpoint.server_round, settings.out_dir)
+    start = time.perf_counter() - (float(rows[-1]["seconds"]) if rows else 0.0)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        if rows and server_round <= rows[-1]["round"]:  # resumed: this model was evaluated before the restart
+            return MetricRecord({"accuracy": float(rows[server_round]["accuracy"])})
         accuracy = evaluate_model(arrays_to_model(model, arrays), dataset.test_images, dataset.test_labels,
                                   device=device)
-        finished[server_round] = time.perf_counter() - start
+        rows.append(_row(server_round, accuracy, strategy, rows, time.perf_counter() - start))
+        if server_round > 0:
+            save_checkpoint(settings.out_dir, settings=settings.to_config(), server_round=server_round,
+                            arrays=arrays, rows=rows, traffic=strategy.traffic,
+                            memory=getattr(strategy, "memory", None))
+            write_rounds_csv(rows, Path(settings.out_dir) / "rounds.csv")
         return MetricRecord({"accuracy": accuracy})
 
-    result = strategy.start(grid=grid, initial_arrays=model_to_arrays(model), num_rounds=settings.num_rounds,
-                            timeout=settings.round_timeout, train_config=ConfigRecord(settings.to_config()),
-                            evaluate_config=ConfigRecord(settings.to_config()), evaluate_fn=evaluate)
-    rows = _rows(result.evaluate_metrics_serverapp, result.evaluate_metrics_clientapp, strategy.traffic, finished)
+    first_round = len(rows) or 1  # rows hold rounds 0..k after a checkpoint of round k
+    strategy.start(grid=grid, initial_arrays=initial, num_rounds=settings.num_rounds, timeout=settings.round_timeout,
+                   train_config=ConfigRecord(settings.to_config()), evaluate_config=ConfigRecord(settings.to_config()),
+                   evaluate_fn=evaluate, first_round=first_round, traffic=traffic)
     summary = write_results(rows, settings.out_dir, settings.strategy)
     log(INFO, "fedcl: %s -> final accuracy %.4f, uplink %d bytes; results in %s", settings.strategy,
         summary["final_accuracy"], summary["uplink_bytes"], settings.out_dir)
     return rows
 
 
-def _rows(accuracy: dict[int, MetricRecord], client_metrics: dict[int, MetricRecord], traffic: TrafficLog,
-          seconds: dict[int, float]) -> list[dict[str, Any]]:
-    """One row per round: server-side test accuracy, clients' mean local accuracy (when they evaluated), traffic
-    and failures."""
-    rows, cumulative = [], 0
-    for server_round in sorted(accuracy):
-        t = traffic[server_round]
-        cumulative += t.uplink_bytes
-        local = client_metrics.get(server_round, {}).get("local-accuracy")
-        rows.append({"round": server_round, "accuracy": round(float(accuracy[server_round]["accuracy"]), 6),
-                     "client_accuracy": "" if local is None else round(float(local), 6),
-                     "uplink_bytes": t.uplink_bytes, "downlink_bytes": t.downlink_bytes,
-                     "cumulative_uplink_bytes": cumulative, "replies_ok": t.messages_sent - len(t.failures),
-                     "clients_failed": len(t.failures), "seconds": round(seconds.get(server_round, 0.0), 3),
-                     "failure_reasons": "; ".join(f"node {n}: {reason}" for n, reason in t.failures)})
-    return rows
+def _row(server_round: int, accuracy: float, strategy: Metered, rows: list[dict[str, Any]],
+         seconds: float) -> dict[str, Any]:
+    """The rounds.csv row of a completed round: server-side test accuracy, the clients' mean local accuracy (when
+    they evaluated), traffic and failures."""
+    t = strategy.traffic[server_round]
+    cumulative = (rows[-1]["cumulative_uplink_bytes"] if rows else 0) + t.uplink_bytes
+    local = strategy.client_evaluation.get(server_round, {}).get("local-accuracy")
+    return {"round": server_round, "accuracy": round(float(accuracy), 6),
+            "client_accuracy": "" if local is None else round(float(local), 6),
+            "uplink_bytes": t.uplink_bytes, "downlink_bytes": t.downlink_bytes, "cumulative_uplink_bytes": cumulative,
+            "replies_ok": t.messages_sent - len(t.failures), "clients_failed": len(t.failures),
+            "seconds": round(seconds, 3), "failure_reasons": "; ".join(f"node {n}: {why}" for n, why in t.failures)}
 
 
 def make_server_app(settings: FedSettings | None = None) -> ServerApp:
