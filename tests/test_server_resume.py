@@ -33,7 +33,7 @@ def _memory() -> SyntheticMemory:
     return SyntheticMemory(image_shape=(1, 8, 8), n_classes=10, max_images=100, max_bytes=2**20)
 
 
-def _saved(tmp_path: Path) -> tuple[dict, SyntheticMemory, object]:
+def _saved(tmp_path: Path, csv_row) -> tuple[dict, SyntheticMemory, object]:
     """A checkpoint of round 2 with two clients' sets, some traffic and rows; returns (settings, memory, arrays)."""
     data = load_dataset("digits")
     memory = _memory()
@@ -45,14 +45,14 @@ def _saved(tmp_path: Path) -> tuple[dict, SyntheticMemory, object]:
     traffic.fail(2, 12, "screened out as an outlier")
     arrays = model_to_arrays(create_model("convnet", (1, 8, 8), 10, width=8))
     settings = FedSettings(out_dir=str(tmp_path)).to_config()
-    rows = [{"round": r, "accuracy": 0.1 * r} for r in range(3)]
+    rows = [{**csv_row(r), "accuracy": 0.1 * r} for r in range(3)]
     save_checkpoint(tmp_path, settings=settings, server_round=2, arrays=arrays, rows=rows, traffic=traffic,
                     memory=memory)
     return settings, memory, arrays
 
 
-def test_checkpoint_round_trips_model_memory_rows_and_traffic(tmp_path):
-    settings, memory, arrays = _saved(tmp_path)
+def test_checkpoint_round_trips_model_memory_rows_and_traffic(tmp_path, csv_row):
+    settings, memory, arrays = _saved(tmp_path, csv_row)
     restored = _memory()
     checkpoint = load_checkpoint(tmp_path, settings={**settings, "num-rounds": 9, "resume": True},
                                  reference=arrays, memory=restored)
@@ -68,10 +68,10 @@ def test_checkpoint_round_trips_model_memory_rows_and_traffic(tmp_path):
         assert (checkpoint.arrays[name].numpy() == arrays[name].numpy()).all()
 
 
-def test_no_checkpoint_is_none_and_other_settings_are_refused(tmp_path):
+def test_no_checkpoint_is_none_and_other_settings_are_refused(tmp_path, csv_row):
     assert load_checkpoint(tmp_path, settings={}, reference=model_to_arrays(torch.nn.Linear(2, 2)),
                            memory=None) is None
-    settings, _, arrays = _saved(tmp_path)
+    settings, _, arrays = _saved(tmp_path, csv_row)
     with pytest.raises(CheckpointError, match="other settings .*strategy: 'fed-distill' -> 'hybrid'"):
         load_checkpoint(tmp_path, settings={**settings, "strategy": "hybrid"}, reference=arrays, memory=_memory())
     other = model_to_arrays(create_model("convnet", (1, 8, 8), 10, width=16))
@@ -79,12 +79,12 @@ def test_no_checkpoint_is_none_and_other_settings_are_refused(tmp_path):
         load_checkpoint(tmp_path, settings=settings, reference=other, memory=_memory())
 
 
-def test_a_later_checkpoint_removes_files_it_no_longer_names(tmp_path):
-    settings, memory, arrays = _saved(tmp_path)
+def test_a_later_checkpoint_removes_files_it_no_longer_names(tmp_path, csv_row):
+    settings, memory, arrays = _saved(tmp_path, csv_row)
     memory.policy = "latest"
     memory.sets = {11: memory.sets[11][-1:]}
     save_checkpoint(tmp_path, settings=settings, server_round=3, arrays=arrays,
-                    rows=[{"round": r} for r in range(4)], traffic=TrafficLog(), memory=memory)
+                    rows=[csv_row(r) for r in range(4)], traffic=TrafficLog(), memory=memory)
     directory = tmp_path / "checkpoint"
     assert [p.name for p in directory.glob("model-*")] == ["model-0003.safetensors"]
     assert len(list((directory / "memory").glob("*.safetensors"))) == 1

@@ -16,6 +16,7 @@ and raises `CheckpointError` naming the problem.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from fedcl.files import atomic_write, write_json
+from fedcl.flower.results import COLUMNS
 from strategies import SyntheticMemory, TrafficLog
 
 #: Where under the run's out_dir the checkpoint lives, and its commit file.
@@ -120,10 +122,20 @@ def _read_state(path: Path) -> dict[str, Any]:
     if not isinstance(state["model"], str) or not _MODEL_FILE.fullmatch(state["model"]):
         raise CheckpointError(f"checkpoint {path}: model must name a model-RRRR.safetensors file")
     rows = state["rows"]
-    if not (isinstance(rows, list) and all(isinstance(r, dict) for r in rows)
-            and [r.get("round") for r in rows] == list(range(server_round + 1))):
-        raise CheckpointError(f"checkpoint {path}: rows must be one object per round 0..{server_round}")
+    if not (isinstance(rows, list) and len(rows) == server_round + 1
+            and all(_is_row(row, i) for i, row in enumerate(rows))):
+        raise CheckpointError(f"checkpoint {path}: rows must be one rounds.csv row (columns {list(COLUMNS)}) per "
+                              f"round 0..{server_round}")
     return state
+
+
+def _is_row(row: Any, server_round: int) -> bool:
+    """Whether `row` is the rounds.csv row of `server_round`: every column, numbers where numbers belong."""
+    if not isinstance(row, dict) or set(row) != set(COLUMNS) or row["round"] != server_round:
+        return False
+    text = {"failure_reasons"} | ({"client_accuracy"} if row["client_accuracy"] == "" else set())
+    return isinstance(row["failure_reasons"], str) and all(
+        type(row[k]) in (int, float) and math.isfinite(row[k]) for k in COLUMNS if k not in text)
 
 
 def _check_settings(saved: dict[str, Any], current: dict[str, Any]) -> None:
