@@ -37,7 +37,11 @@ class SyntheticMemory:
     def accept(self, server_round: int, replies: Iterable[Message], traffic: TrafficLog) -> int:
         """Decode, screen and store the synthetic set of every successful reply; a malformed or screened-out set
         is a failure with its reason.  Returns how many sets were accepted."""
-        arrived = self._decode(server_round, replies, traffic)
+        return self.admit(server_round, self._decode(server_round, replies, traffic), traffic)
+
+    def admit(self, server_round: int, arrived: list[tuple[int, SyntheticSet]], traffic: TrafficLog) -> int:
+        """Screen a round's valid (node, set) pairs together and store those that pass; the screened-out ones are
+        failures with the screen's reason.  Returns how many were stored."""
         if self.screen is not None and arrived:
             verdict = self.screen([synset for _, synset in arrived])
             for i in verdict.outliers:
