@@ -2,12 +2,15 @@
 send poisoned synthetic sets?
 
 Protocol (defaults; CPU-sized):
-1. `--clients` 10 clients hold Dirichlet(`--alpha` 0.5) shares of the training split; each distils its share once
+1. `--clients` 10 clients hold Dirichlet(`--alpha` 0.5) shares of the training split (or IID shares with
+   `--partitioner iid`); each distils its share once
    into 10 images per class with DM (ConvNet-3 width 32, `--distill-iterations` 100, 64 real images per class),
    exactly as `fedcl.flower.client_app` does (sets cached under OUT/sets/).
 2. Attacked copies: clients 0 and 1 (`--attackers` 2) replace their set by
    - "flip": every label c -> n_classes - 1 - c (the images unchanged), or
-   - "noise": the images by standard Gaussian noise (the labels unchanged).
+   - "noise": the images by standard Gaussian noise (the labels unchanged);
+   the "absent" rows leave the attackers' sets out altogether: the pool of the honest clients alone, the most a
+   screen can recover (dropping a client also drops the classes only it held).
 3. The server logic of `strategies.FedDistill`, called directly (no Flower messages; the same `SyntheticMemory`,
    screen and `train_on_memory`): the round's sets are admitted to the memory (with `--screen` embedding: screened
    first, outliers refused), then a ConvNet-3 width 32 is trained on the pool (`--server-epochs` 100, SGD lr 0.01,
@@ -42,12 +45,13 @@ from fedcl.synthetic import SyntheticSet
 from fedcl.train import TrainConfig, evaluate_model
 from strategies import SyntheticMemory, TrafficLog, train_on_memory
 
-ATTACKS = ("none", "flip", "noise")
+#: "none": every client honest; "absent": the attackers send nothing (the best any screen can do); then the attacks.
+ATTACKS = ("none", "absent", "flip", "noise")
 
 
 def client_sets(data: ImageDataset, args: argparse.Namespace) -> list[SyntheticSet]:
     """Every client's distilled set (DM, as the ClientApp makes it), read from OUT/sets/ when already there."""
-    parts = partition(data.train_labels, args.clients, "dirichlet", alpha=args.alpha, seed=args.seed)
+    parts = partition(data.train_labels, args.clients, args.partitioner, alpha=args.alpha, seed=args.seed)
     sets = []
     for pid, index in enumerate(parts):
         path = Path(args.out) / "sets" / f"client{pid:03d}.safetensors"
@@ -97,8 +101,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     honest = client_sets(data, args)
     results = []
     for attack in ATTACKS:
-        sets = [attacked(s, attack, seed=i) if i < args.attackers else s for i, s in enumerate(honest)]
-        for screen in ("none", "embedding"):
+        sets = honest[args.attackers:] if attack == "absent" else [
+            attacked(s, attack, seed=i) if i < args.attackers else s for i, s in enumerate(honest)]
+        for screen in ("none",) if attack == "absent" else ("none", "embedding"):
             start = time.perf_counter()
             kept, accuracies = server_accuracy(sets, screen, data, args)
             results.append({"attack": attack, "screen": screen, "kept": kept, "accuracies": accuracies,
@@ -111,7 +116,8 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def markdown(results: list[dict], args: argparse.Namespace) -> str:
     clean = next(r["mean"] for r in results if r["attack"] == "none" and r["screen"] == "none")
-    lines = [f"{args.dataset}: {args.clients} clients (Dirichlet {args.alpha}), {args.attackers} attackers, "
+    split = f"Dirichlet {args.alpha}" if args.partitioner == "dirichlet" else args.partitioner
+    lines = [f"{args.dataset}: {args.clients} clients ({split}), {args.attackers} attackers, "
              f"{args.models} server models per row",
              "| attack | screen | sets kept | test accuracy % (mean +- std) | vs clean, points |",
              "| --- | --- | ---: | ---: | ---: |"]
@@ -127,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default=None)
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--attackers", type=int, default=2)
+    p.add_argument("--partitioner", default="dirichlet", choices=("dirichlet", "iid"))
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--ipc", type=int, default=10)
     p.add_argument("--width", type=int, default=32)
