@@ -147,3 +147,11 @@ def test_killed_server_resumes_from_its_last_round(tmp_path):
     assert memory_then.items() <= memory_now.items()  # round 1's set files: still there, byte for byte
     assert len(memory_now) == 3 * 3  # memory "all": 3 clients x 3 rounds
     assert json.loads(state.read_text())["round"] == 3
+
+
+def test_simulate_resume_refuses_a_mismatched_checkpoint_before_starting(tmp_path, csv_row, capsys):
+    from fedcl.cli import main
+
+    _saved(tmp_path, csv_row)
+    assert main(["simulate", "--out", str(tmp_path), "--resume", "--strategy", "fedavg"]) == 2
+    assert "cannot resume" in capsys.readouterr().err

@@ -77,6 +77,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         upload_dtype=args.upload_dtype, local_epochs=args.local_epochs, server_epochs=args.server_epochs,
         finetune_epochs=args.finetune_epochs, memory=args.memory, screen=args.screen, out_dir=args.out,
         resume=args.resume, device=args.device)
+    if args.resume:
+        from fedcl.flower.server_app import resume_round
+
+        done = resume_round(settings)
+        print(f"resuming after round {done}" if done else f"no checkpoint under {args.out}: starting from round 1")
     print(write_partitions(settings, args.clients))
     rows = simulate(settings, args.clients, gpu_fraction=args.gpu_fraction, verbose=args.verbose)
     print(markdown_table([summarise(rows, args.strategy)]))

@@ -13,6 +13,7 @@ from logging import INFO
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
@@ -26,7 +27,7 @@ from fedcl.flower.settings import FedSettings
 from fedcl.models import create_model
 from fedcl.runtime import resolve_device, seeded
 from fedcl.train import TrainConfig, evaluate_model
-from strategies import FedAvgDistill, FedDistill, Metered, MeteredFedAvg
+from strategies import FedAvgDistill, FedDistill, Metered, MeteredFedAvg, TrafficLog
 
 
 def build_strategy(settings: FedSettings, dataset: ImageDataset) -> Strategy:
@@ -55,21 +56,8 @@ def run_federation(grid: Grid, settings: FedSettings) -> list[dict[str, Any]]:
     """
     dataset = load_dataset(settings.dataset, settings.data_root or None)
     device = resolve_device(settings.device)
-    with seeded(settings.seed):
-        model = create_model(settings.model, dataset.image_shape, dataset.n_classes, **settings.model_cfg)
-    strategy = build_strategy(settings, dataset)
-    initial, rows, traffic = model_to_arrays(model), [], None
-    if settings.resume:
-        checkpoint = load_checkpoint(settings.out_dir, settings=settings.to_config(), reference=initial,
-                                     memory=getattr(strategy, "memory", None))
-        if checkpoint is None:
-            log(INFO, "fedcl: no checkpoint under %s; starting from round 1", settings.out_dir)
-        elif checkpoint.server_round > settings.num_rounds:
-            raise CheckpointError(f"the checkpoint is at round {checkpoint.server_round}, beyond num-rounds "
-                                  f"{settings.num_rounds}")
-        else:
-            initial, rows, traffic = checkpoint.arrays, checkpoint.rows, checkpoint.traffic
-            log(INFO, "fedcl: resuming after round %s from %s", checkpoint.server_round, settings.out_dir)
+    model, strategy = _global_model(settings, dataset), build_strategy(settings, dataset)
+    initial, rows, traffic = _starting_point(settings, strategy, model_to_arrays(model))
     start = time.perf_counter() - (float(rows[-1]["seconds"]) if rows else 0.0)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -93,6 +81,40 @@ def run_federation(grid: Grid, settings: FedSettings) -> list[dict[str, Any]]:
     log(INFO, "fedcl: %s -> final accuracy %.4f, uplink %d bytes; results in %s", settings.strategy,
         summary["final_accuracy"], summary["uplink_bytes"], settings.out_dir)
     return rows
+
+
+def resume_round(settings: FedSettings) -> int:
+    """The last completed round a run with `settings` would resume after (0: none, it starts afresh); raises
+    CheckpointError if the checkpoint cannot be resumed.  `fedcl simulate --resume` checks this before it starts
+    the simulation, so a bad checkpoint is a clear error instead of a failed ServerApp inside Ray."""
+    dataset = load_dataset(settings.dataset, settings.data_root or None)
+    _, rows, _ = _starting_point(settings, build_strategy(settings, dataset),
+                                 model_to_arrays(_global_model(settings, dataset)))
+    return max(0, len(rows) - 1)
+
+
+def _global_model(settings: FedSettings, dataset: ImageDataset) -> torch.nn.Module:
+    """The global model at its seeded initialisation."""
+    with seeded(settings.seed):
+        return create_model(settings.model, dataset.image_shape, dataset.n_classes, **settings.model_cfg)
+
+
+def _starting_point(settings: FedSettings, strategy: Strategy,
+                    initial: ArrayRecord) -> tuple[ArrayRecord, list[dict[str, Any]], TrafficLog | None]:
+    """(arrays, rows so far, traffic so far) to start from: the initial model, or with `settings.resume` the
+    checkpoint under out_dir, whose pooled memory is restored into the strategy's."""
+    if not settings.resume:
+        return initial, [], None
+    checkpoint = load_checkpoint(settings.out_dir, settings=settings.to_config(), reference=initial,
+                                 memory=getattr(strategy, "memory", None))
+    if checkpoint is None:
+        log(INFO, "fedcl: no checkpoint under %s; starting from round 1", settings.out_dir)
+        return initial, [], None
+    if checkpoint.server_round > settings.num_rounds:
+        raise CheckpointError(f"the checkpoint is at round {checkpoint.server_round}, beyond num-rounds "
+                              f"{settings.num_rounds}")
+    log(INFO, "fedcl: resuming after round %s from %s", checkpoint.server_round, settings.out_dir)
+    return checkpoint.arrays, checkpoint.rows, checkpoint.traffic
 
 
 def _row(server_round: int, accuracy: float, strategy: Metered, rows: list[dict[str, Any]],
