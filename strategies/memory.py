@@ -96,7 +96,7 @@ class SyntheticMemory:
             raise ValueError(f"memory index must map nodes to file lists, got {type(index).__name__}")
         sets: dict[int, list[SyntheticSet]] = {}
         for node, names in index.items():
-            if not (isinstance(node, str) and node.isdigit() and isinstance(names, list)):
+            if not (isinstance(node, str) and node.isascii() and node.isdigit() and isinstance(names, list)):
                 raise ValueError(f"memory index entry {node!r} is malformed")
             for name in names:
                 if not isinstance(name, str) or not _SET_FILE.fullmatch(name) or not name.startswith(f"{node}-"):

@@ -66,7 +66,7 @@ class TrafficLog:
             raise ValueError(f"traffic log must be a JSON object, got {type(data).__name__}")
         log_ = cls()
         for key, entry in data.items():
-            if not (isinstance(key, str) and key.isdigit() and isinstance(entry, dict)
+            if not (isinstance(key, str) and key.isascii() and key.isdigit() and isinstance(entry, dict)
                     and set(entry) == {f.name for f in fields(RoundTraffic)}):
                 raise ValueError(f"traffic log entry {key!r} is malformed")
             counters = {k: v for k, v in entry.items() if k != "failures"}
