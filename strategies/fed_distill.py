@@ -11,6 +11,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from fedcl.screen import create_screen
 from fedcl.synthetic import MAX_BYTES
 from fedcl.train import TrainConfig
 from strategies.memory import SyntheticMemory, train_on_memory
@@ -49,6 +50,10 @@ class FedDistill(Metered, FedAvg):
         Largest synthetic set accepted from one client (in images); larger ones are rejected as oversize.
     max_bytes_per_client : int (default: 512 MiB)
         Largest synthetic set accepted from one client (in tensor bytes).
+    screen : str (default: "none")
+        Poisoning screen of each round's sets before they enter the memory: "none", or "embedding" (per-class mean
+        embeddings under seeded random ConvNets against the median over clients, `fedcl.screen`); outliers are
+        counted as failures with the screen's reason.
     guide_with_global : bool (default: True)
         Send the current global model from round 2 on, so clients distil against it.  False keeps every round
         one-shot style (random networks, no downlink of weights).
@@ -64,18 +69,20 @@ class FedDistill(Metered, FedAvg):
     def __init__(self, *, image_shape: tuple[int, int, int], n_classes: int, model: str = "convnet",
                  model_cfg: dict | None = None, train_config: TrainConfig = TrainConfig(epochs=100),
                  memory: str = "all", max_images_per_client: int = 10_000, max_bytes_per_client: int = MAX_BYTES,
-                 guide_with_global: bool = True, device: str = "auto", seed: int = 0, **fedavg_options) -> None:
+                 screen: str = "none", guide_with_global: bool = True, device: str = "auto", seed: int = 0,
+                 **fedavg_options) -> None:
         super().__init__(**fedavg_options)
         self.model, self.model_cfg, self.train_config = model, dict(model_cfg or {}), train_config
         self.guide_with_global, self.device, self.seed = guide_with_global, device, seed
         self.memory = SyntheticMemory(image_shape=image_shape, n_classes=n_classes, policy=memory,
-                                      max_images=max_images_per_client, max_bytes=max_bytes_per_client)
+                                      max_images=max_images_per_client, max_bytes=max_bytes_per_client,
+                                      screen=create_screen(screen, seed=seed))
         self._arrays: ArrayRecord | None = None
 
     def summary(self) -> None:
         super().summary()
-        log(INFO, "\t└──> FedDistill: memory=%s, guide_with_global=%s, server training %s",
-            self.memory.policy, self.guide_with_global, self.train_config)
+        log(INFO, "\t└──> FedDistill: memory=%s, screen=%s, guide_with_global=%s, server training %s",
+            self.memory.policy, self.memory.screen, self.guide_with_global, self.train_config)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:

@@ -10,6 +10,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedcl.screen import create_screen
 from fedcl.synthetic import MAX_BYTES
 from fedcl.train import TrainConfig
 from strategies.fed_distill import DISTILL_MESSAGE
@@ -45,6 +46,10 @@ class FedAvgDistill(Metered, FedAvg):
         Largest synthetic set accepted from one client, in images.
     max_bytes_per_client : int (default: 512 MiB)
         Largest synthetic set accepted from one client, in tensor bytes.
+    screen : str (default: "none")
+        Poisoning screen of each round's sets before they enter the memory: "none", or "embedding" (per-class mean
+        embeddings under seeded random ConvNets against the median over clients, `fedcl.screen`); outliers are
+        counted as failures with the screen's reason.
     device : str (default: "auto")
         Where the server fine-tunes.
     seed : int (default: 0)
@@ -57,18 +62,19 @@ class FedAvgDistill(Metered, FedAvg):
     def __init__(self, *, image_shape: tuple[int, int, int], n_classes: int, model: str = "convnet",
                  model_cfg: dict | None = None, finetune_config: TrainConfig = TrainConfig(epochs=10),
                  distill_rounds: tuple[int, ...] = (1,), memory: str = "latest",
-                 max_images_per_client: int = 10_000, max_bytes_per_client: int = MAX_BYTES, device: str = "auto",
-                 seed: int = 0, **fedavg_options) -> None:
+                 max_images_per_client: int = 10_000, max_bytes_per_client: int = MAX_BYTES, screen: str = "none",
+                 device: str = "auto", seed: int = 0, **fedavg_options) -> None:
         super().__init__(**fedavg_options)
         self.model, self.model_cfg, self.finetune_config = model, dict(model_cfg or {}), finetune_config
         self.distill_rounds, self.device, self.seed = tuple(distill_rounds), device, seed
         self.memory = SyntheticMemory(image_shape=image_shape, n_classes=n_classes, policy=memory,
-                                      max_images=max_images_per_client, max_bytes=max_bytes_per_client)
+                                      max_images=max_images_per_client, max_bytes=max_bytes_per_client,
+                                      screen=create_screen(screen, seed=seed))
 
     def summary(self) -> None:
         super().summary()
-        log(INFO, "\t└──> FedAvgDistill: distill in rounds %s, memory=%s, fine-tune %s",
-            self.distill_rounds, self.memory.policy, self.finetune_config)
+        log(INFO, "\t└──> FedAvgDistill: distill in rounds %s, memory=%s, screen=%s, fine-tune %s",
+            self.distill_rounds, self.memory.policy, self.memory.screen, self.finetune_config)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:

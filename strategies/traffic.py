@@ -4,32 +4,37 @@
 downlink = bytes of every instruction sent, uplink = bytes of every reply received (Flower's `count_bytes` of
 the array, config and metric records: the payload, not the transport framing).  Error replies and nodes that never
 answered are failures with a reason; strategies add their own (e.g. a malformed synthetic set) with `fail`.
+
+`Metered.start` can also resume a run: from `first_round` on, with the traffic log of the rounds before it (what a
+server checkpoint holds), so a restarted server continues the round numbering, the seeds and the counters.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from logging import WARNING
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result
+from flwr.serverapp.strategy import Result, Strategy
 
 from fedcl.flower.records import record_nbytes
 
 
 @dataclass
 class RoundTraffic:
-    """What one round moved and who failed in it."""
+    """What one round moved and who failed in it (`screened`: how many of the failures were valid sets that the
+    poisoning screen refused)."""
 
     uplink_bytes: int = 0
     downlink_bytes: int = 0
     messages_sent: int = 0
     replies: int = 0
+    screened: int = 0
     failures: list[tuple[int, str]] = field(default_factory=list)
 
 
@@ -49,6 +54,31 @@ class TrafficLog:
 
     def total_uplink(self) -> int:
         return sum(r.uplink_bytes for r in self.rounds.values())
+
+    def to_json(self) -> dict[str, Any]:
+        """The log as JSON-ready data: {"round": {counter: int, "failures": [[node, reason], ...]}}."""
+        return {str(r): asdict(t) for r, t in sorted(self.rounds.items())}
+
+    @classmethod
+    def from_json(cls, data: Any) -> TrafficLog:
+        """Rebuild a log written by `to_json`; raise ValueError naming the first malformed entry."""
+        if not isinstance(data, dict):
+            raise ValueError(f"traffic log must be a JSON object, got {type(data).__name__}")
+        log_ = cls()
+        for key, entry in data.items():
+            if not (isinstance(key, str) and key.isascii() and key.isdigit() and isinstance(entry, dict)
+                    and set(entry) == {f.name for f in fields(RoundTraffic)}):
+                raise ValueError(f"traffic log entry {key!r} is malformed")
+            counters = {k: v for k, v in entry.items() if k != "failures"}
+            if not all(type(v) is int and v >= 0 for v in counters.values()):
+                raise ValueError(f"traffic log round {key}: counters must be non-negative integers")
+            failures = entry["failures"]
+            if not isinstance(failures, list) or not all(
+                    isinstance(f, list) and len(f) == 2 and type(f[0]) is int and isinstance(f[1], str)
+                    for f in failures):
+                raise ValueError(f"traffic log round {key}: failures must be [node, reason] pairs")
+            log_.rounds[int(key)] = RoundTraffic(**counters, failures=[(n, why) for n, why in failures])
+        return log_
 
 
 class MeteredGrid:
@@ -85,17 +115,69 @@ class MeteredGrid:
 
 
 class Metered:
-    """Mixin for strategies: `self.traffic` holds bytes and failures per round; `start` meters its Grid."""
+    """Mixin for strategies: `self.traffic` holds bytes and failures per round; `start` meters its Grid and can
+    resume a run; `self.client_evaluation` holds the clients' aggregated evaluation metrics by round."""
 
     traffic: TrafficLog
+    client_evaluation: dict[int, MetricRecord]
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
-              evaluate_fn: Any = None) -> Result:
-        self.traffic = TrafficLog()
-        return super().start(MeteredGrid(grid, self.traffic), initial_arrays, num_rounds,  # type: ignore[misc]
-                             timeout, train_config, evaluate_config, evaluate_fn)
+              evaluate_fn: Any = None, *, first_round: int = 1, traffic: TrafficLog | None = None) -> Result:
+        """Flower's round loop for rounds `first_round`..`num_rounds`, metered.
+
+        A fresh run starts at round 1.  A resumed one passes the round after its checkpoint, the checkpoint's
+        arrays as `initial_arrays` and its `traffic`; every round then carries its real number (in the messages'
+        `server-round`, the strategy's seeds, the result's keys and the `evaluate_fn` calls, whose first call is
+        for round `first_round - 1`).
+        """
+        if not 1 <= first_round <= num_rounds + 1:
+            raise ValueError(f"first_round must lie in 1..{num_rounds + 1}, got {first_round}")
+        self.traffic = traffic if traffic is not None else TrafficLog()
+        self.client_evaluation = {}
+        offset = first_round - 1
+        shifted_evaluate = None if evaluate_fn is None else (lambda r, arrays: evaluate_fn(r + offset, arrays))
+        result = Strategy.start(_RoundsFrom(self, offset), MeteredGrid(grid, self.traffic),  # type: ignore[arg-type]
+                                initial_arrays, num_rounds - offset, timeout, train_config, evaluate_config,
+                                shifted_evaluate)
+        for history in (result.train_metrics_clientapp, result.evaluate_metrics_clientapp,
+                        result.evaluate_metrics_serverapp):
+            shifted = {r + offset: metrics for r, metrics in history.items()}
+            history.clear()
+            history.update(shifted)
+        return result
 
     def failure_metrics(self, server_round: int) -> MetricRecord:
         """Failures so far in this round, as metrics for the round's MetricRecord."""
-        return MetricRecord({"clients-failed": len(self.traffic[server_round].failures)})
+        traffic = self.traffic[server_round]
+        return MetricRecord({"clients-failed": len(traffic.failures), "clients-screened": traffic.screened})
+
+
+class _RoundsFrom:
+    """The strategy as Flower's round loop sees it: loop round r is the strategy's round r + offset.
+
+    Flower's `Strategy.start` always counts rounds from 1; this view forwards the four round callbacks with the real
+    round number (and records the clients' evaluation metrics), everything else straight to the strategy.
+    """
+
+    def __init__(self, strategy: Metered, offset: int) -> None:
+        self._strategy, self._offset = strategy, offset
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._strategy, name)
+
+    def configure_train(self, server_round: int, *args: Any) -> Any:
+        return self._strategy.configure_train(server_round + self._offset, *args)  # type: ignore[attr-defined]
+
+    def aggregate_train(self, server_round: int, replies: Any) -> Any:
+        return self._strategy.aggregate_train(server_round + self._offset, replies)  # type: ignore[attr-defined]
+
+    def configure_evaluate(self, server_round: int, *args: Any) -> Any:
+        return self._strategy.configure_evaluate(server_round + self._offset, *args)  # type: ignore[attr-defined]
+
+    def aggregate_evaluate(self, server_round: int, replies: Any) -> Any:
+        metrics = self._strategy.aggregate_evaluate(server_round + self._offset,  # type: ignore[attr-defined]
+                                                    replies)
+        if metrics is not None:
+            self._strategy.client_evaluation[server_round + self._offset] = metrics
+        return metrics

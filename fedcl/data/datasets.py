@@ -8,7 +8,9 @@ Nothing is downloaded unless `download=True` is passed explicitly.
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,18 +93,32 @@ def load_digits_dataset(data_root: str | None = None, download: bool = False) ->
     return _normalised("digits", x_tr, y_tr, x_te, y_te, tuple(str(c) for c in range(10)))
 
 
+#: Largest (decompressed) IDX file read: far above the datasets' (47 MB), far below a gzip bomb's.
+MAX_IDX_BYTES = 2**30
+
+
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an IDX file (optionally gzipped) as an unsigned-byte array, checking its header."""
+    """Read an IDX file (optionally gzipped) as an unsigned-byte array, checking its header.
+
+    A corrupt gzip stream, a bad header or a size that does not match the header raises ValueError naming the file.
+    """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read(MAX_IDX_BYTES + 1)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise ValueError(f"{path} is not a readable gzip file: {err}") from None
+    if len(data) > MAX_IDX_BYTES:
+        raise ValueError(f"{path} is oversize: more than {MAX_IDX_BYTES} bytes")
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise ValueError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
     ndim = data[3]
+    if ndim == 0:
+        raise ValueError(f"{path} is not a valid IDX file: its header declares no dimensions")
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     offset = 4 + 4 * ndim
-    expected = int(np.prod(dims)) if dims else 0
+    expected = math.prod(dims)
     if len(data) - offset != expected:
         raise ValueError(f"{path} is truncated or corrupt: {len(data) - offset} bytes of data for shape {dims}")
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)

@@ -82,10 +82,14 @@ class ExpertBuffer:
                 tensor = st_load(data)["trajectory"]
             except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
                 raise ValueError(f"{path} is not a fedcl expert trajectory: {err}") from None
+            if not isinstance(file_meta, dict):
+                raise ValueError(f"{path}: expert metadata must be a JSON object, got {type(file_meta).__name__}")
             if meta is not None and file_meta != meta:
                 raise ValueError(f"{path} was trained differently from the other experts in {directory}")
-            if tensor.ndim != 2 or tensor.dtype != torch.float32 or not torch.isfinite(tensor).all():
-                raise ValueError(f"{path}: a trajectory must be a finite float32 (epochs + 1, n_params) tensor")
+            if (tensor.ndim != 2 or tensor.dtype != torch.float32 or tensor.shape[0] < 2 or tensor.shape[1] < 1
+                    or not torch.isfinite(tensor).all()):
+                raise ValueError(f"{path}: a trajectory must be a finite float32 (epochs + 1, n_params) tensor "
+                                 f"with at least one epoch and one parameter")
             if trajectories and tensor.shape != trajectories[0].shape:
                 raise ValueError(f"{path}: shape {tuple(tensor.shape)} differs from {tuple(trajectories[0].shape)}")
             meta = file_meta

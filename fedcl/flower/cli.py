@@ -16,6 +16,8 @@ _EXAMPLES = """examples:
   fedcl simulate --dataset fashion-mnist --clients 10 --alpha 0.1 --strategy hybrid --rounds 20 --out runs/hybrid
   fedcl simulate --scenario continual --dataset digits --clients 3 --tasks 2 --strategy fed-distill --seed 0 \
       --out runs/fcl      # federated continual learning: OUT/tasks.csv (task, avg_accuracy, forgetting, ...)
+  fedcl simulate --dataset digits --clients 10 --screen embedding --out runs/screened
+  fedcl simulate ... --rounds 5 --out runs/sim --resume      # after a crash: continue from the last round done
 """
 
 
@@ -65,6 +67,10 @@ def register(subparsers: argparse._SubParsersAction) -> dict[str, Callable[[argp
     p.add_argument("--finetune-epochs", type=int, default=10,
                    help="hybrid: server fine-tuning epochs per round (default 10)")
     p.add_argument("--memory", default="all", choices=("all", "latest"), help="pooled memory policy (default all)")
+    p.add_argument("--screen", default="none",
+                   help="poisoning screen of incoming synthetic sets: none (default) or embedding (fedcl.screen)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint of the last completed round under --out (same settings)")
     p.add_argument("--fraction-evaluate", type=float, default=0.0,
                    help="fraction of clients that also evaluate the global model locally (default 0)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda[:i]")
@@ -138,7 +144,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         min_nodes=args.clients, ipc=args.ipc, distill_iterations=args.distill_iterations,
         upload_dtype=args.upload_dtype, local_epochs=args.local_epochs,
         local_lr=args.local_lr, local_batch_size=args.local_batch_size, server_epochs=args.server_epochs,
-        finetune_epochs=args.finetune_epochs, memory=args.memory, out_dir=args.out, device=args.device)
+        finetune_epochs=args.finetune_epochs, memory=args.memory, screen=args.screen, out_dir=args.out,
+        resume=args.resume, device=args.device)
+    if args.resume:
+        from fedcl.flower.server_app import resume_round
+
+        done = resume_round(settings)
+        print(f"resuming after round {done}" if done else f"no checkpoint under {args.out}: starting from round 1")
     print(write_partitions(settings, args.clients))
     rows = simulate(settings, args.clients, gpu_fraction=args.gpu_fraction, verbose=args.verbose,
                     engine=args.engine)

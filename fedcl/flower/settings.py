@@ -43,8 +43,10 @@ class FedSettings:
     (memory samples added to every mini-batch in the continual scenario).
     Server training on the pooled synthetic memory: server_epochs (fed-distill, every round), finetune_epochs
     (hybrid, after every aggregation), server_lr, server_batch_size (small pools need small batches to get
-    enough steps per epoch), memory ("all" sets ever received or each client's "latest").
-    Output: out_dir (rounds.csv, plots, summary), device ("auto" = CUDA when present).
+    enough steps per epoch), memory ("all" sets ever received or each client's "latest"), screen (poisoning
+    screen of incoming sets: "none" or "embedding", see `fedcl.screen`).
+    Output: out_dir (rounds.csv, plots, summary, and the server checkpoint of the last completed round),
+    resume (continue from that checkpoint instead of starting over), device ("auto" = CUDA when present).
     """
 
     dataset: str = "digits"
@@ -80,7 +82,9 @@ class FedSettings:
     server_lr: float = 0.01
     server_batch_size: int = 64
     memory: str = "all"
+    screen: str = "none"
     out_dir: str = "runs/flower"
+    resume: bool = False
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -96,6 +100,11 @@ class FedSettings:
             raise ValueError(f"upload-dtype must be 'float32' or 'float16', got {self.upload_dtype!r}")
         if self.memory not in ("all", "latest"):
             raise ValueError(f"memory must be 'all' or 'latest', got {self.memory!r}")
+        if self.screen != "none":
+            _check_screen(self.screen)
+        if self.resume and self.scenario == "continual":
+            raise ValueError("resume works in the standard scenario only; a continual run restarts from task 1 "
+                             "(its clients' memories persist on their own, see memory-dir)")
         if min(self.num_rounds, self.ipc, self.min_nodes, self.tasks, self.replay_batch_size) < 1:
             raise ValueError("num-rounds, ipc, min-nodes, tasks and replay-batch-size must be >= 1")
 
@@ -134,6 +143,14 @@ class FedSettings:
     def to_config(self) -> dict[str, Any]:
         """The settings as kebab-case keys with str/int/float values (fits a ConfigRecord or a run config)."""
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+
+def _check_screen(name: str) -> None:
+    """Raise ValueError unless `name` is a known screen (imported here: loading torch would slow the CLI)."""
+    from fedcl.screen import SCREENS
+
+    if name not in SCREENS:
+        raise ValueError(f"screen must be one of {list(SCREENS)}, got {name!r}")
 
 
 def _coerce(value: Any, kind: type, key: str) -> Any:
