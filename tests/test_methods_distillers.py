@@ -5,7 +5,9 @@ import torch
 
 from fedcl.data import ClassIndex, load_dataset
 from fedcl.distill import ExpertBuffer, Source, create_distiller
-from fedcl.runtime import generator
+from fedcl.distill.functional import FlatParams, unfused, unrolled_sgd
+from fedcl.models import create_model
+from fedcl.runtime import generator, seeded
 from fedcl.synthetic import SyntheticSet
 from fedcl.train import evaluate_synthetic, train_with_learned_lrs
 
@@ -18,7 +20,7 @@ def digits():
 
 
 def _distill(name, data, ipc=1, **options):
-    distiller = create_distiller(name, **SMALL, **options)
+    distiller = create_distiller(name, **{**SMALL, **options})
     synset = distiller.distill(data.train_images, data.train_labels, ipc=ipc, n_classes=data.n_classes,
                                source=Source.of(data))
     return distiller, synset
@@ -48,15 +50,34 @@ def test_gradient_matching_lowers_its_loss(digits, name):
 
 
 def test_dd_fixed_init_lowers_its_loss_and_beats_chance_from_its_known_init(digits):
-    distiller = create_distiller("dd", model="mlp", model_cfg={"width": 32}, seed=0, iterations=30, lr=0.1)
+    distiller = create_distiller("dd", model_cfg={"width": 32}, seed=0, iterations=30)
     synset = distiller.distill(digits.train_images, digits.train_labels, ipc=1, n_classes=10)
     extra = synset.meta.extra
+    assert extra["model"] == "mlp"  # DD's default network
     assert extra["final_loss"] < 0.8 * extra["first_loss"]
     assert synset.lrs is not None and synset.lrs.shape == (10,) and bool((synset.lrs > 0).all())
     assert extra["init_mode"] == "fixed" and extra["init_seed"] == 0
-    result = evaluate_synthetic(synset, digits, n_models=2)
-    assert result.mean > 0.3  # chance is 0.1
+    result = evaluate_synthetic(synset, digits, model="convnet", n_models=2)  # the set's own network is used
+    assert result.model == "mlp" and result.mean > 0.5  # chance is 0.1
     assert result.accuracies[0] == result.accuracies[1]  # both start from the one known initialisation
+
+
+@pytest.mark.parametrize("model, cfg", [("convnet", {"width": 8}), ("mlp", {"width": 16}), ("lenet", {})])
+def test_replaying_learned_lrs_retraces_the_distillers_unroll(digits, model, cfg):
+    """Evaluation must rebuild the known initialisation and take exactly the steps the distiller unrolled
+    (same network, norm path, order, full batch, dtype): the final parameters agree."""
+    distiller, synset = _distill("dd", digits, iterations=2, steps=4, model=model, model_cfg=cfg)
+    flat = FlatParams(unfused(distiller.new_model(digits.image_shape, 10, synset.meta.extra["init_seed"])))
+    steps = [torch.arange(len(synset))] * 4
+
+    def step_loss(k, p, x, y):
+        return torch.nn.functional.cross_entropy(flat(p, x), y)
+
+    unrolled = unrolled_sgd(step_loss, steps, flat.flatten(), synset.images, synset.labels, synset.lrs)
+    with seeded(synset.meta.extra["init_seed"]):
+        net = create_model(model, digits.image_shape, 10, **cfg)
+    train_with_learned_lrs(net, synset.images, synset.labels, synset.lrs, device="cpu")
+    torch.testing.assert_close(flat.flatten(net), unrolled, rtol=1e-4, atol=1e-5)
 
 
 def test_dd_set_from_a_file_trains_from_its_known_init(digits, tmp_path):
