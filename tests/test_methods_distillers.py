@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from fedcl.data import ClassIndex, load_dataset
+from fedcl.data import load_dataset
 from fedcl.distill import ExpertBuffer, Source, create_distiller
 from fedcl.distill.functional import FlatParams, unfused, unrolled_sgd
 from fedcl.models import create_model
-from fedcl.runtime import generator, seeded
+from fedcl.runtime import seeded
 from fedcl.synthetic import SyntheticSet
 from fedcl.train import evaluate_synthetic, train_with_learned_lrs
 
@@ -26,27 +26,29 @@ def _distill(name, data, ipc=1, **options):
     return distiller, synset
 
 
-def _mean_match_loss(distiller, data, syn, labels):
-    """DC's matching loss averaged over three fixed networks and batches (the same for every call)."""
-    index, total = ClassIndex(data.train_labels, data.n_classes), 0.0
-    for seed in range(3):
-        net = distiller.new_model(data.image_shape, data.n_classes, 100 + seed)
-        total += float(distiller.match_loss(net, data.train_images, index, syn, labels, 1, generator(seed)).detach())
-    return total / 3
+def _loss_trace(name, data, **options):
+    losses = []
+    distiller = create_distiller(name, **{**SMALL, **options})
+    synset = distiller.distill(data.train_images, data.train_labels, ipc=1, n_classes=data.n_classes,
+                               callback=lambda it, loss: losses.append(loss))
+    return losses, synset
 
 
-@pytest.mark.parametrize("name", ["dc", pytest.param("dsa", marks=pytest.mark.xfail(
-    strict=False, reason="open: DSA's matching loss on fixed nets and draws rose (157 -> 163) in 40 iterations "
-                         "on 8x8 digits; not yet diagnosed"))])
+@pytest.mark.parametrize("name", ["dc", "dsa"])
 def test_gradient_matching_lowers_its_loss(digits, name):
-    options = {"iterations": 40, "batch_real": 32, "lr_img": 0.001}
-    start = create_distiller(name, **SMALL, **{**options, "iterations": 0})
-    before = start.distill(digits.train_images, digits.train_labels, ipc=1, n_classes=10)
-    distiller, after = _distill(name, digits, **options)
-    loss_before = _mean_match_loss(distiller, digits, before.images, before.labels)
-    loss_after = _mean_match_loss(distiller, digits, after.images, after.labels)
-    assert loss_after < loss_before
-    assert after.meta.extra["dsa"] is (name == "dsa")
+    """Paired against the same run with frozen images (lr 0): same networks, real batches and augmentation draws
+    at every iteration, so the comparison is free of the noise of drawing a new network per iteration.
+
+    ConvNet depth 2 on 8x8 digits: at depth 3 the last block instance-normalises 2x2 maps and the matching loss
+    is so rough that steps at any tried image lr (1e-3 to 0.1) raised it on most fresh networks."""
+    options = {"iterations": 24, "batch_real": 32, "model_cfg": {"width": 16, "depth": 2}}  # paper's lr_img 0.1
+    frozen, _ = _loss_trace(name, digits, lr_img=0.0, **options)
+    moved, synset = _loss_trace(name, digits, **options)
+    assert moved[0] == pytest.approx(frozen[0])  # the same first network, batch and draw
+    later = range(8, 24)
+    assert sum(moved[i] < frozen[i] for i in later) >= 14
+    assert sum(moved[i] for i in later) < 0.8 * sum(frozen[i] for i in later)
+    assert synset.meta.extra["dsa"] is (name == "dsa")
 
 
 def test_dd_fixed_init_lowers_its_loss_and_beats_chance_from_its_known_init(digits):
