@@ -14,7 +14,8 @@ augmentation per class and applies it to that class's real and synthetic batch a
 
 Network depth matters on tiny inputs: on 8x8 digits a ConvNet-3 instance-normalises 2x2 maps in its last block,
 and the matching loss is then so rough that image steps (lr 1e-3 to 0.1) raised it on fresh networks; at depth 2
-the paper's lr 0.1 lowers it at every iteration (tests/test_methods_distillers.py).  28x28 inputs are unaffected.
+the paper's lr 0.1 lowers it at every iteration (tests/test_methods_distillers.py).  On 28x28 inputs the last
+block normalises 8x8 maps, as in the papers.
 """
 
 from __future__ import annotations
