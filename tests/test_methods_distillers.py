@@ -112,6 +112,13 @@ def test_mtt_lowers_its_loss_and_reuses_saved_experts(digits, tmp_path):
     assert again.soft_labels
 
 
+def test_mtt_stops_with_a_clear_error_when_it_diverges(digits):
+    options = {"iterations": 5, "syn_steps": 2, "n_experts": 1, "expert_train_epochs": 2, "max_start_epoch": 1,
+               "expert_epochs": 1, "dsa": False, "lr_img": 1e30}
+    with pytest.raises(RuntimeError, match="lower lr_img"):
+        _distill("mtt", digits, **options)
+
+
 def test_expert_buffer_round_trips_through_disk(tmp_path):
     trajectories = [torch.randn(4, 37), torch.randn(4, 37)]
     meta = {"model": "convnet", "model_cfg": {"width": 8}, "in_shape": [1, 8, 8], "n_classes": 10, "lr": 0.01}
