@@ -6,9 +6,10 @@ augmentation; sets with learned step sizes (DD) replay them instead) and report 
 distillation wall time and peak memory, with the published Fashion-MNIST / MNIST numbers from
 ../shared/ANCHORS.md beside them.  The protocol is printed with the table and written with it.
 
-    # CPU-sized protocol (hours on 2 cores, see the module's README text):
-    python simulations/bench_methods.py --dataset fashion-mnist --ipcs 1 10 --iterations 200 --eval-epochs 300 \\
-        --eval-models 3 --width 128 --out runs/bench_methods
+    # the README's CPU-sized protocol at 1 image per class (about 30 minutes on one core):
+    python simulations/bench_methods.py --dataset fashion-mnist --ipcs 1 --width 32 --batch-real 64 \\
+        --iterations 100 --method-iterations dd=300 --eval-epochs 300 --eval-models 3 --mtt-experts runs/experts \\
+        --out runs/bench_methods
     # smoke test (minutes):
     python simulations/bench_methods.py --dataset digits --ipcs 1 --iterations 2 --eval-epochs 20 \\
         --eval-models 2 --width 16 --out /tmp/bench_methods
