@@ -20,9 +20,8 @@ Model: an MLP (2 hidden layers of 128) by default, not the ConvNet with instance
 method lives or dies by plain full-batch gradient steps staying stable and informative: measured on Fashion-MNIST
 (1 image per class, fixed init, 300 iterations) the MLP reaches 76.5 % where LeNet (the paper's MNIST network,
 step sizes from 0.3) reached 51 %; ConvNet-3 with instance norm was not measured there.  Step sizes start at 0.1:
-with 1.0 the
-unrolled steps diverge within a few iterations (outer loss 1e29, or a spike followed by dead ReLUs, after which
-the network outputs a constant and the loss sits at ln 10 = 2.30 with zero gradient).
+with 1.0 the unrolled steps diverge within a few iterations (outer loss 1e29, or a spike followed by dead ReLUs,
+after which the network outputs a constant and the loss sits at ln 10 = 2.30 with zero gradient).
 """
 
 from __future__ import annotations
