@@ -121,12 +121,14 @@ def train_with_learned_lrs(model: nn.Module, images: torch.Tensor, labels: torch
     return history
 
 
-def _learned_init_network(synset: SyntheticSet, dataset: ImageDataset) -> nn.Module:
-    """The known initialisation a fixed-init Dataset Distillation set was distilled for (from its metadata)."""
+def _recorded_network(synset: SyntheticSet, dataset: ImageDataset, seed: int) -> nn.Module:
+    """A network of the architecture a Dataset Distillation set was distilled for (from its metadata), initialised
+    from `seed`: the set's learned step sizes only make sense for that architecture."""
     extra = synset.meta.extra
-    seed, model, cfg = extra.get("init_seed"), extra.get("model", "convnet"), extra.get("model_cfg", {})
+    model, cfg = extra.get("model"), extra.get("model_cfg", {})
     if isinstance(seed, bool) or not isinstance(seed, int) or not isinstance(model, str) or not isinstance(cfg, dict):
-        raise ValueError("a fixed-init set needs integer meta.extra['init_seed'], a model name and a model_cfg dict")
+        raise ValueError("a set with learned step sizes needs a model name and a model_cfg dict in meta.extra, and "
+                         "a fixed-init one an integer meta.extra['init_seed']")
     with seeded(seed):
         return create_model(model, dataset.image_shape, dataset.n_classes, **cfg)
 
@@ -176,21 +178,24 @@ def evaluate_synthetic(synset: SyntheticSet, dataset: ImageDataset, *, model: st
     """Train `n_models` fresh networks on `synset` and test each on `dataset`'s test split.
 
     A set with learned step sizes (`synset.lrs`, Dataset Distillation) is trained by replaying them
-    (`train_with_learned_lrs`, `config` unused); one distilled for a fixed initialisation
-    (meta.extra["init_mode"] == "fixed") starts every network from that initialisation and architecture.
+    (`train_with_learned_lrs`, `config` unused) on the architecture it was distilled for (`model` and `model_cfg`
+    unused); one distilled for a fixed initialisation (meta.extra["init_mode"] == "fixed") starts every network
+    from that initialisation (meta.extra["init_seed"]), one distilled over random initialisations from fresh ones.
     """
     synset.validate(image_shape=dataset.image_shape, n_classes=dataset.n_classes)
     model_cfg = dict(model_cfg or {})
+    fixed_init = synset.lrs is not None and synset.meta.extra.get("init_mode") == "fixed"
     accuracies = []
     for i in tqdm(range(n_models), desc=f"evaluate {synset.meta.method}", disable=not progress, leave=False):
-        if synset.lrs is not None and synset.meta.extra.get("init_mode") == "fixed":
-            net = _learned_init_network(synset, dataset)
+        if synset.lrs is not None:
+            net_seed = synset.meta.extra.get("init_seed") if fixed_init else seed * 1000 + i
+            net = _recorded_network(synset, dataset, net_seed)
+            train_with_learned_lrs(net, synset.images, synset.labels, synset.lrs, device=device)
         else:
             with seeded(seed * 1000 + i):
                 net = create_model(model, dataset.image_shape, dataset.n_classes, **model_cfg)
-        if synset.lrs is not None:
-            train_with_learned_lrs(net, synset.images, synset.labels, synset.lrs, device=device)
-        else:
             train_model(net, synset.images, synset.labels, config, device=device, seed=seed * 1000 + i)
         accuracies.append(evaluate_model(net, dataset.test_images, dataset.test_labels, device=device))
+    if synset.lrs is not None:
+        model, model_cfg = synset.meta.extra["model"], dict(synset.meta.extra.get("model_cfg", {}))
     return EvalResult(accuracies, model, config.epochs, model_cfg)

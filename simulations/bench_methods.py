@@ -6,16 +6,20 @@ augmentation; sets with learned step sizes (DD) replay them instead) and report 
 distillation wall time and peak memory, with the published Fashion-MNIST / MNIST numbers from
 ../shared/ANCHORS.md beside them.  The protocol is printed with the table and written with it.
 
-    # CPU-sized protocol (hours on 2 cores, see the module's README text):
-    python simulations/bench_methods.py --dataset fashion-mnist --ipcs 1 10 --iterations 200 --eval-epochs 300 \\
-        --eval-models 3 --width 128 --out runs/bench_methods.md
+    # the README's CPU-sized protocol at 1 image per class (about 30 minutes on one core):
+    python simulations/bench_methods.py --dataset fashion-mnist --ipcs 1 --width 32 --batch-real 64 \\
+        --iterations 100 --method-iterations dd=300 --eval-epochs 300 --eval-models 3 --mtt-experts runs/experts \\
+        --out runs/bench_methods
     # smoke test (minutes):
     python simulations/bench_methods.py --dataset digits --ipcs 1 --iterations 2 --eval-epochs 20 \\
-        --eval-models 2 --width 16 --out /tmp/bench_methods.md
+        --eval-models 2 --width 16 --out /tmp/bench_methods
 
 Peak memory: on CUDA `torch.cuda.max_memory_allocated` during the distillation; on CPU the growth of the
 process's resident set over its value before the run, sampled every 20 ms (so includes allocator caching).
-DD runs in its fixed-initialisation mode by default (its accuracy is then that of its one known initialisation).
+DD runs in its fixed-initialisation mode by default (its accuracy is then that of its one known initialisation),
+on its own default network (an MLP, see fedcl.distill.dd) rather than the ConvNet of `--width`; its set is
+evaluated on that network.  `--method-iterations dd=300` gives one method its own iteration count.
+Outputs: OUT/table.md (protocol and table, as printed) and OUT/results.json (every row, every accuracy).
 """
 
 from __future__ import annotations
@@ -98,7 +102,8 @@ def _rss_mb() -> float:
 
 def method_options(method: str, args: argparse.Namespace) -> dict[str, Any]:
     """The benchmark's command-line options that `method` takes."""
-    wanted = {"iterations": args.iterations, "batch_real": args.batch_real, "experts": args.mtt_experts,
+    iterations = args.method_iterations.get(method, args.iterations)
+    wanted = {"iterations": iterations, "batch_real": args.batch_real, "experts": args.mtt_experts,
               "init_mode": args.dd_init_mode}
     accepted = accepted_options(method)
     return {k: v for k, v in wanted.items() if v is not None and k in accepted}
@@ -106,7 +111,7 @@ def method_options(method: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def run_one(method: str, ipc: int, data, args: argparse.Namespace, config: TrainConfig) -> dict[str, Any]:
     """Distil one set, evaluate it, and return the row's measurements."""
-    model_cfg = {"width": args.width}
+    model_cfg = {} if method == "dd" else {"width": args.width}  # DD: its own default network
     options = method_options(method, args)
     distiller = create_distiller(method, model_cfg=model_cfg, device=args.device, seed=args.seed,
                                  progress=not args.quiet, **options)
@@ -135,13 +140,25 @@ def markdown_table(rows: list[dict[str, Any]], dataset: str) -> str:
 
 def protocol_text(args: argparse.Namespace, data, device: torch.device, config: TrainConfig) -> str:
     iterations = args.iterations if args.iterations is not None else "each method's default"
-    return (f"Protocol: {data!r}; ConvNet-3 width {args.width}, instance norm; distillation iterations "
-            f"{iterations}; batch_real {args.batch_real or 'default'}; DD init mode {args.dd_init_mode}; "
+    return (f"Protocol: {data!r}; ConvNet-3 width {args.width}, instance norm (DD: its default MLP); distillation "
+            f"iterations {iterations}, per method {args.method_iterations or 'none'}; batch_real "
+            f"{args.batch_real or 'default'}; DD init mode {args.dd_init_mode}; "
             f"evaluation: {args.eval_models} fresh networks x {config.epochs} epochs (SGD lr {config.lr}, "
             f"momentum {config.momentum}, wd {config.weight_decay}, DSA {config.dsa}; DD sets replay their "
             f"learned step sizes); seed {args.seed}; device {device}, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads.  Published numbers: ../shared/ANCHORS.md (paper protocols: "
             f"1000-20000 iterations, width 128, 1000 evaluation epochs with DSA, many models).")
+
+
+def parse_method_iterations(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[str, int]:
+    """`METHOD=N` pairs as {method: iterations}; a malformed pair or an unknown method is a usage error."""
+    result = {}
+    for pair in pairs:
+        method, _, count = pair.partition("=")
+        if method not in METHODS or not count.isdigit():
+            parser.error(f"--method-iterations expects METHOD=N with METHOD in {METHODS}, got {pair!r}")
+        result[method] = int(count)
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -152,6 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ipcs", nargs="+", type=int, default=[1, 10], help="images per class (default 1 10)")
     parser.add_argument("--iterations", type=int, default=None, help="distillation iterations for every learned "
                         "method (default: each method's own)")
+    parser.add_argument("--method-iterations", nargs="+", default=[], metavar="METHOD=N",
+                        help="iterations for one method, overriding --iterations (e.g. dd=300)")
     parser.add_argument("--batch-real", type=int, default=None, help="real images per class per iteration")
     parser.add_argument("--width", type=int, default=128, help="ConvNet width for distillation and evaluation")
     parser.add_argument("--eval-epochs", type=int, default=300)
@@ -163,9 +182,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-sets", default=None, help="also save every synthetic set into this directory")
-    parser.add_argument("--out", default="runs/bench_methods.md", help="markdown file for the table (+ .json)")
+    parser.add_argument("--out", default="runs/bench_methods", help="output directory: table.md, results.json")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    args.method_iterations = parse_method_iterations(parser, args.method_iterations)
 
     tune_cpu_allocator()
     device = resolve_device(args.device)
@@ -185,9 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     text = f"{protocol}\n\n{table}\n\nTotal wall time {time.perf_counter() - start:.0f} s.\n"
     print("\n" + text)
     out = Path(args.out)
-    atomic_write(out, lambda f: f.write(text.encode()))
-    write_json(out.with_suffix(".json"), {"protocol": protocol, "args": vars(args), "rows": rows})
-    print(f"wrote {out} and {out.with_suffix('.json')}")
+    atomic_write(out / "table.md", lambda f: f.write(text.encode()))
+    write_json(out / "results.json", {"protocol": protocol, "args": vars(args), "rows": rows})
+    print(f"wrote {out / 'table.md'} and {out / 'results.json'}")
 
 
 if __name__ == "__main__":

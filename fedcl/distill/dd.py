@@ -8,12 +8,20 @@ by back-propagating through the unrolled steps (`unrolled_sgd`, memory of one pa
 Two modes, as in the paper:
 - init_mode="fixed": one known initialisation (the network built from `init_seed`); the set is only meant for that
   network, travels with it (meta.extra["init_seed"], "model", "model_cfg") and `evaluate_synthetic` rebuilds it.
-- init_mode="random": a fresh initialisation every iteration, so the set works for unseen initialisations.
+- init_mode="random": a fresh initialisation every iteration, so the set works for unseen initialisations (they
+  are drawn from seeds >= RANDOM_INIT_SEEDS, which evaluation's seeds never reach).
 Training on such a set means replaying its learned step sizes (`fedcl.train.train_with_learned_lrs`).
 
 Differences from the reference code: every step uses the whole synthetic set (the reference splits the images
-into per-step batches); learned step sizes are softplus-parameterised (init 0.02) like the reference's.
+into per-step batches); learned step sizes are softplus-parameterised like the reference's.
 With learn_labels=True the labels are learned too (soft labels, as in label distillation, Bohdal et al. 2020).
+
+Model: an MLP (2 hidden layers of 128) by default, not the ConvNet with instance norm of the later papers.  The
+method lives or dies by plain full-batch gradient steps staying stable and informative: measured on Fashion-MNIST
+(1 image per class, fixed init, 300 iterations) the MLP reaches 76.5 % where LeNet (the paper's MNIST network,
+step sizes from 0.3) reached 51 %; ConvNet-3 with instance norm was not measured there.  Step sizes start at 0.1:
+with 1.0 the unrolled steps diverge within a few iterations (outer loss 1e29, or a spike followed by dead ReLUs,
+after which the network outputs a constant and the loss sits at ln 10 = 2.30 with zero gradient).
 """
 
 from __future__ import annotations
@@ -28,6 +36,9 @@ from fedcl.distill.base import Distiller, DistillResult, ProgressCallback, regis
 from fedcl.distill.functional import FlatParams, class_batches, initial_images, label_logits, unfused, unrolled_sgd
 from fedcl.runtime import generator as make_generator
 
+#: First seed of the initialisations a random-init run draws (evaluation builds its networks from small seeds).
+RANDOM_INIT_SEEDS = 2**32
+
 
 @register
 class DatasetDistillation(Distiller):
@@ -36,26 +47,27 @@ class DatasetDistillation(Distiller):
     iterations: optimisation iterations (each: one unroll and one real batch).
     steps: unrolled GD steps, one learned step size each (reference: 10 steps x 3 epochs = 30).
     init_mode: "fixed" (one known initialisation, built from `seed`) or "random" (a new one every iteration).
-    lr / lr_init: Adam learning rate of images, step sizes and labels (reference 0.01, betas 0.5/0.999), and the
-    starting step size (reference 0.02 for 30 steps; 1.0 here: with 10 steps and a few hundred iterations a small
-    start leaves the network at chance, measured on digits).  decay_every: halve the Adam learning rate every this
-    many iterations.  batch_real: real images per class per iteration.
+    lr: Adam learning rate of images, step sizes and labels (reference 0.01 for 400 epochs, betas 0.5/0.999;
+    0.05 here for a few hundred iterations).  lr_init: the starting step size (reference 0.02 for 30 steps; 0.1
+    here for 10; 1.0 diverges).  decay_every: halve the Adam learning rate every this many iterations (default a
+    third of them).  batch_real: real images per class per iteration.
     init: "real" images (default: converges in fewer iterations) or "noise" (as in the paper).
     learn_labels: learn soft labels together with the images.
+    model: the network family (default "mlp", see the module docstring).
     """
 
     name = "dd"
 
-    def __init__(self, *, iterations: int = 300, steps: int = 10, init_mode: str = "fixed", lr: float = 0.01,
-                 lr_init: float = 1.0, decay_every: int | None = None, batch_real: int = 64, init: str = "real",
-                 learn_labels: bool = False, **base) -> None:
-        super().__init__(**base)
+    def __init__(self, *, iterations: int = 300, steps: int = 10, init_mode: str = "fixed", lr: float = 0.05,
+                 lr_init: float = 0.1, decay_every: int | None = None, batch_real: int = 64, init: str = "real",
+                 learn_labels: bool = False, model: str = "mlp", **base) -> None:
+        super().__init__(model=model, **base)
         if init_mode not in ("fixed", "random"):
             raise ValueError(f"init_mode must be 'fixed' or 'random', got {init_mode!r}")
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         self.iterations, self.steps, self.init_mode, self.lr, self.lr_init = iterations, steps, init_mode, lr, lr_init
-        self.decay_every = decay_every or max(1, iterations // 10)
+        self.decay_every = decay_every or max(1, iterations // 3)
         self.batch_real, self.init, self.learn_labels = batch_real, init, learn_labels
 
     def _distill(self, images, labels, ipc, n_classes, callback: ProgressCallback | None) -> DistillResult:
@@ -84,7 +96,7 @@ class DatasetDistillation(Distiller):
         bar = self.progress_bar(state)
         for it in bar:
             p0 = fixed_p0 if self.init_mode == "fixed" else flat.flatten(
-                self.new_model(in_shape, n_classes, self.seed * 1_000_003 + it + 1))
+                self.new_model(in_shape, n_classes, RANDOM_INIT_SEEDS + self.seed * 1_000_003 + it))
             targets = logits.softmax(dim=1) if self.learn_labels else hard
             p = unrolled_sgd(step_loss, batches, p0, syn, targets, F.softplus(raw_lrs))
             real, real_labels = class_batches(images, index, self.batch_real, gen, self.device)
