@@ -36,7 +36,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="convnet", help="convnet (default), mlp or lenet")
+    p.add_argument("--model", default=None,
+                   help="convnet, mlp or lenet (default: the method's own network: mlp for dd, else convnet)")
     p.add_argument("--width", type=int, default=128, help="ConvNet/MLP width (default 128)")
     p.add_argument("--depth", type=int, default=3, help="ConvNet/MLP depth (default 3)")
     p.add_argument("--norm", default="instancenorm", help="ConvNet norm: instancenorm, batchnorm, layernorm, none")
@@ -165,11 +166,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
         return 0
     from fedcl.data import load_dataset
     from fedcl.distill import Source, create_distiller, distiller_class
-    from fedcl.distill.base import accepted_options
+    from fedcl.distill.base import accepted_options, default_model
     from fedcl.files import write_json
     from fedcl.train import evaluate_synthetic
 
     distiller_class(args.method)  # fail fast on an unknown name
+    args.model = args.model or default_model(args.method)
     dataset = load_dataset(args.dataset, args.data_root, args.download)
     out = Path(args.out or f"runs/{args.method}-{dataset.name}")
     wanted = {"iterations": args.iterations, "batch_real": args.batch_real, "init": args.init,
@@ -210,6 +212,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     synset = SyntheticSet.load(args.synset)
     dataset = load_dataset(args.dataset, args.data_root, args.download)
+    args.model = args.model or "convnet"
     result = evaluate_synthetic(synset, dataset, model=args.model, model_cfg=_model_cfg(args),
                                 n_models=args.eval_models, config=_train_config(args), device=args.device,
                                 seed=args.seed, progress=True)

@@ -19,6 +19,7 @@ def test_distill_command_writes_the_set_grid_and_report(method, tmp_path):
         assert (out / name).is_file()
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == method and report["n_images"] == 10
+    assert report["model"] == ("mlp" if method == "dd" else "convnet")  # each method's own network by default
 
 
 def test_opt_passes_method_options(tmp_path):
@@ -27,4 +28,5 @@ def test_opt_passes_method_options(tmp_path):
                  "--opt", "learn_labels=true", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["options"]["steps"] == 3 and report["learn_labels"] is True
+    assert report["model"] == "mlp" and report["model_cfg"] == {"width": 8, "depth": 3}
     assert main(["distill", "--method", "dd", "--opt", "nonsense", "--out", str(out)]) == 2

@@ -213,6 +213,15 @@ def accepted_options(name: str) -> set[str]:
             for p in inspect.signature(klass.__init__).parameters if p not in ("self", "base")}
 
 
+def default_model(name: str) -> str:
+    """The network a registered distiller builds when none is given (DD: an MLP; the others: the ConvNet)."""
+    for klass in distiller_class(name).__mro__:
+        param = inspect.signature(klass.__init__).parameters.get("model") if "__init__" in vars(klass) else None
+        if param is not None:
+            return param.default
+    return "convnet"
+
+
 def create_distiller(name: str, **options: Any) -> Distiller:
     """Build a registered distiller by name; unknown options raise ValueError listing the accepted ones."""
     cls = distiller_class(name)
