@@ -110,6 +110,7 @@ def _register_demo(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", default="local", choices=("local", "ray"),
                    help="clients in this process one after another (local, default) or Flower's Ray engine")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--verbose", action="store_true", help="show Flower's per-round log")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -122,7 +123,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                            ipc=args.ipc, distill_iterations=args.distill_iterations, width=args.width,
                            device=args.device)
     table = run_comparison(settings, args.clients, args.strategies or list(LABELS), args.seeds, args.out,
-                           engine=args.engine)
+                           engine=args.engine, verbose=args.verbose)
     print_comparison(table)
     print(f"wrote {args.out}/tasks.csv, accuracy.png, summary.md")
     return 0

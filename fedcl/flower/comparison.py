@@ -8,10 +8,16 @@ OUT/summary.md and OUT/summary.json (the comparison table).
 
 from __future__ import annotations
 
+import logging
 import statistics
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+from flwr.common.logger import FLOWER_LOGGER
+from tqdm.auto import tqdm
 
 from fedcl.files import atomic_write, write_json
 from fedcl.flower.results import plot_tasks, read_csv, task_summary, task_table, write_csv
@@ -26,22 +32,29 @@ LABELS = {"fedavg": "naive federated fine-tuning (no memory)",
 
 
 def run_comparison(base: FedSettings, n_clients: int, strategies: list[str], seeds: list[int],
-                   out: str | Path, engine: str = "local") -> list[dict[str, Any]]:
+                   out: str | Path, engine: str = "local", verbose: bool = False) -> list[dict[str, Any]]:
     """Run every strategy with every seed on the simulation `engine` ("local" or "ray", see `simulate`); write the
     per-run and combined results; return the table rows (per strategy: (mean, std) over seeds of final average
-    accuracy, forgetting, BWT and bytes)."""
+    accuracy, forgetting, BWT and bytes).  A progress bar counts the runs; Flower's per-round log is shown only
+    with `verbose`."""
     out = Path(out)
     runs: dict[str, list[list[dict[str, Any]]]] = {s: [] for s in strategies}
     combined = []
-    for seed in seeds:
-        for strategy in strategies:
-            settings = replace(base, scenario="continual", strategy=strategy, seed=seed, min_nodes=n_clients,
-                               out_dir=str(out / f"{strategy}-seed{seed}"))
-            write_partitions(settings, n_clients)
-            simulate(settings, n_clients, engine=engine)
-            rows = read_csv(Path(settings.out_dir) / "tasks.csv")
-            runs[strategy].append(rows)
-            combined += [{"strategy": strategy, "seed": seed, **r} for r in rows]
+    bar = tqdm(total=len(seeds) * len(strategies), desc="federated runs", unit="run")
+    with bar, _flower_log_level(logging.INFO if verbose else logging.WARNING):
+        for seed in seeds:
+            for strategy in strategies:
+                bar.set_postfix_str(f"{strategy}, seed {seed}")
+                settings = replace(base, scenario="continual", strategy=strategy, seed=seed, min_nodes=n_clients,
+                                   out_dir=str(out / f"{strategy}-seed{seed}"))
+                write_partitions(settings, n_clients)
+                simulate(settings, n_clients, engine=engine, verbose=verbose)
+                rows = read_csv(Path(settings.out_dir) / "tasks.csv")
+                runs[strategy].append(rows)
+                combined += [{"strategy": strategy, "seed": seed, **r} for r in rows]
+                final = 100 * float(rows[-1]["avg_accuracy"])
+                bar.write(f"{strategy} seed {seed}: final average accuracy {final:.2f} %")
+                bar.update()
     write_csv(combined, out / "tasks.csv", ("strategy", "seed"))
     plot_tasks({LABELS.get(s, s): r for s, r in runs.items()}, out / "accuracy.png",
                title=f"{base.dataset}: {n_clients} clients, {base.tasks} tasks, {len(seeds)} seed(s)")
@@ -50,6 +63,17 @@ def run_comparison(base: FedSettings, n_clients: int, strategies: list[str], see
                                       "table": table})
     atomic_write(out / "summary.md", lambda f: f.write(task_table(table).encode() + b"\n"))
     return table
+
+
+@contextmanager
+def _flower_log_level(level: int) -> Iterator[None]:
+    """Set the level of Flower's logger for the duration of the block."""
+    previous = FLOWER_LOGGER.level
+    FLOWER_LOGGER.setLevel(level)
+    try:
+        yield
+    finally:
+        FLOWER_LOGGER.setLevel(previous)
 
 
 def _mean_std(strategy: str, summaries: list[dict[str, Any]]) -> dict[str, Any]:
