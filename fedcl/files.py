@@ -1,11 +1,13 @@
-"""Crash-safe file writes: every file fedcl produces goes through `atomic_write`."""
+"""Crash-safe file writes: every file fedcl produces goes through `atomic_write` (JSON, CSV and PNG figures too)."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -34,3 +36,25 @@ def write_json(path: str | os.PathLike[str], data: Any) -> Path:
     """Atomically write `data` as indented JSON."""
     text = json.dumps(data, indent=2, sort_keys=False, default=str)
     return atomic_write(path, lambda f: f.write(text.encode() + b"\n"))
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], leading: tuple[str, ...] = ()) -> Path:
+    """Atomically write dict rows as CSV: the `leading` columns first, then every other key in first-seen order."""
+    fields = list(leading)
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write(path, lambda f: f.write(buffer.getvalue().encode()))
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
+    """Atomically write a matplotlib figure as PNG (120 dpi) and close it (pyplot is imported only here)."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    finally:
+        plt.close(fig)

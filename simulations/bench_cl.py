@@ -24,8 +24,8 @@ from pathlib import Path
 
 from fedcl.avalanche.benchmarks import available_benchmarks, make_benchmark
 from fedcl.avalanche.experiment import STRATEGIES, RunConfig, RunResult, run
-from fedcl.avalanche.report import markdown_table, plot_accuracy, summarise, write_csv
-from fedcl.files import atomic_write
+from fedcl.avalanche.report import markdown_table, plot_accuracy, summarise
+from fedcl.files import atomic_write, write_csv
 
 _MEMORYLESS = ("naive", "joint")
 
@@ -79,12 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         result = run(benchmarks[seed], config)
         results.append(result)
         rows.append({"benchmark": args.benchmark, "epochs": args.epochs, "width": args.width, **result.row()})
-        write_csv(out / "results.csv", rows)
+        write_csv(rows, out / "results.csv")
         print(f"seed {seed} {strategy:9s} memory {mem_size:4d}: final accuracy {100 * result.final_accuracy:6.2f} %"
               f"  forgetting {100 * result.forgetting:6.2f}  ({result.train_seconds:.0f} s, "
               f"{time.perf_counter() - start:.0f} s total)", flush=True)
     summary = summarise(results)
-    write_csv(out / "summary.csv", summary)
+    write_csv(summary, out / "summary.csv")
     table = markdown_table(summary)
     header = (f"{args.benchmark}, 5 experiences, ConvNet width {args.width}, {args.epochs} epochs per experience, "
               f"SGD lr {args.lr} momentum 0.9, batch {args.batch_size} current + {args.batch_size_mem} memory, "

@@ -23,7 +23,7 @@ from typing import Any
 
 from fedcl.data import load_dataset
 from fedcl.distill import Source, create_distiller
-from fedcl.files import atomic_write, write_json
+from fedcl.files import save_figure, write_json
 from fedcl.runtime import tune_cpu_allocator
 from fedcl.train import TrainConfig, evaluate_synthetic
 
@@ -87,7 +87,6 @@ def print_table(args: argparse.Namespace, device: str, rows: list[dict[str, Any]
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     """Accuracy against epsilon (log axis), the non-private accuracy as a horizontal line."""
-    import io
 
     import matplotlib
 
@@ -106,10 +105,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("test accuracy %")
     ax.legend()
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -23,14 +23,12 @@ the issue's target check (a FedDistill variant within 2 points of FedAvg at >= 2
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from fedcl.files import atomic_write
+from fedcl.files import atomic_write, write_csv
 from fedcl.flower.results import plot_accuracy, summarise
 from fedcl.flower.settings import FedSettings
 from fedcl.flower.simulation import simulate
@@ -116,13 +114,6 @@ def target_check(results: list[dict], alpha: float) -> str:
                      f"target {'MET' if met else 'NOT met'}")
     return "\n".join(lines) or "target check skipped: no FedDistill runs"
 
-
-def write_csv(results: list[dict], path: Path) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(results[0]))
-    writer.writeheader()
-    writer.writerows(results)
-    atomic_write(path, lambda f: f.write(buffer.getvalue().encode()))
 
 
 def main() -> None:

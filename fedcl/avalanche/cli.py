@@ -53,8 +53,9 @@ def cmd_cl(args: argparse.Namespace) -> int:
     """Run each requested strategy once and report its metrics."""
     from fedcl.avalanche.benchmarks import make_benchmark
     from fedcl.avalanche.experiment import RunConfig, run
-    from fedcl.avalanche.report import markdown_table, plot_accuracy, summarise, write_csv
+    from fedcl.avalanche.report import markdown_table, plot_accuracy, summarise
     from fedcl.distill.base import accepted_options
+    from fedcl.files import write_csv
 
     options = {"iterations": args.distill_iterations} if "iterations" in accepted_options(args.distiller) else {}
     benchmark = make_benchmark(args.benchmark, seed=args.seed, data_root=args.data_root)
@@ -73,7 +74,7 @@ def cmd_cl(args: argparse.Namespace) -> int:
               f"{100 * result.forgetting:.2f} %, BWT {100 * result.bwt:.2f} % ({result.train_seconds:.0f} s)")
     rows = [{"benchmark": args.benchmark, "distiller": args.distiller if r.strategy == "distilled" else "",
              "epochs": args.epochs, "width": args.width, **r.row()} for r in results]
-    write_csv(out / "results.csv", rows)
+    write_csv(rows, out / "results.csv")
     plot_accuracy(out / "accuracy.png", results, f"{args.benchmark}, memory {args.mem_size} images")
     print(markdown_table(summarise(results)))
     print(f"wrote {out / 'results.csv'} and {out / 'accuracy.png'}")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import statistics
 from collections.abc import Sequence
@@ -11,19 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcl.avalanche.experiment import RunResult
-from fedcl.files import atomic_write
-
-
-def write_csv(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
-    """Write dict rows as CSV; the header is the union of keys in first-seen order."""
-    fields: list[str] = []
-    for row in rows:
-        fields += [k for k in row if k not in fields]
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    return atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+from fedcl.files import save_figure
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -93,7 +79,4 @@ def plot_accuracy(path: str | Path, results: Sequence[RunResult], title: str) ->
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    return atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    return save_figure(fig, path)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fedcl.files import atomic_write
+from fedcl.files import save_figure
 from fedcl.runtime import generator as make_generator
 
 PARTITIONERS = ("iid", "dirichlet", "classes")
@@ -128,10 +128,7 @@ def plot_histogram(histogram: torch.Tensor, path: str | os.PathLike[str], title:
     if histogram.shape[1] <= 20:
         ax.legend(title="class", fontsize="small", ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.tight_layout()
-    path = Path(path)
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _check(labels: torch.Tensor, n_clients: int) -> None:

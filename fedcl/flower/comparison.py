@@ -19,8 +19,8 @@ from typing import Any
 from flwr.common.logger import FLOWER_LOGGER
 from tqdm.auto import tqdm
 
-from fedcl.files import atomic_write, write_json
-from fedcl.flower.results import plot_tasks, read_csv, task_summary, task_table, write_csv
+from fedcl.files import atomic_write, write_csv, write_json
+from fedcl.flower.results import plot_tasks, read_csv, task_summary, task_table
 from fedcl.flower.settings import FedSettings
 from fedcl.flower.simulation import simulate, write_partitions
 

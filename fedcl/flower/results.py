@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fedcl.files import atomic_write, write_json
+from fedcl.files import atomic_write, save_figure, write_csv, write_json
 
 #: Columns of rounds.csv (outside checks rely on round, accuracy, uplink_bytes, downlink_bytes).  accuracy is the
 #: global model's on the server's test split; client_accuracy the clients' weighted mean on their own partitions.
@@ -71,10 +71,7 @@ def plot_accuracy(runs: dict[str, list[dict[str, Any]]], path: str | os.PathLike
     by_bytes.set_xscale("symlog", linthresh=0.1)
     by_round.legend(fontsize="small")
     fig.tight_layout()
-    path = Path(path)
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_results(rows: list[dict[str, Any]], out_dir: str | os.PathLike[str], label: str) -> dict[str, Any]:
@@ -93,17 +90,6 @@ def write_results(rows: list[dict[str, Any]], out_dir: str | os.PathLike[str], l
 TASK_COLUMNS = ("task", "round", "avg_accuracy", "forgetting", "bwt", "uplink_bytes", "downlink_bytes",
                 "cumulative_uplink_bytes", "clients_failed")
 
-
-def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike[str], leading: tuple[str, ...] = ()) -> Path:
-    """Rows as CSV: the `leading` columns first, then every other key in first-seen order."""
-    fields = list(leading)
-    for row in rows:
-        fields += [k for k in row if k not in fields]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    return atomic_write(path, lambda f: f.write(buffer.getvalue().encode()))
 
 
 def task_summary(rows: list[dict[str, Any]], label: str) -> dict[str, Any]:
@@ -138,10 +124,7 @@ def plot_tasks(runs: dict[str, list[list[dict[str, Any]]]], path: str | os.PathL
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    path = Path(path)
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_task_results(rows: list[dict[str, Any]], round_rows: list[dict[str, Any]], out_dir: str | os.PathLike[str],
