@@ -9,7 +9,10 @@ The issue's protocol (defaults): Fashion-MNIST, 10 clients, Dirichlet alpha 0.1 
                 keeps all sets and continues training (100 epochs per round).
 - hybrid:       FedAvg for 20 rounds + the sets uploaded once in round 1; the aggregate is fine-tuned on them for
                 10 epochs each round.
-Every run goes through Flower's simulation engine (the same ServerApp/ClientApp as `fedcl simulate` and `flwr run`).
+Every run goes through the same ServerApp/ClientApp as `fedcl simulate` and `flwr run` (by default with the
+clients in this process, `--engine local`; `--engine ray` uses Flower's Ray simulation engine).  The protocol takes
+hours on a CPU, so it can be completed over several invocations of the same command: a finished run's
+result.json is reused, and an interrupted run continues from its server checkpoint (the last completed round).
 
 Writes OUT/results.csv (one row per run), OUT/results.md (mean +- std over seeds), OUT/accuracy_alpha<a>.png
 (accuracy vs rounds and vs uplink MB, seed 0) and each run's folder with its rounds.csv; prints the table and
@@ -23,13 +26,16 @@ the issue's target check (a FedDistill variant within 2 points of FedAvg at >= 2
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from fedcl.files import atomic_write, write_csv
+from fedcl.files import atomic_write, write_csv, write_json
 from fedcl.flower.results import plot_accuracy, summarise
+from fedcl.flower.server_app import resume_round
 from fedcl.flower.settings import FedSettings
 from fedcl.flower.simulation import simulate
 
@@ -48,6 +54,36 @@ def variant_settings(variant: str, base: FedSettings, args: argparse.Namespace) 
     return replace(base, strategy="hybrid", num_rounds=args.fedavg_rounds, finetune_epochs=args.finetune_epochs)
 
 
+def run_variant(settings: FedSettings, args: argparse.Namespace, alpha: float, seed: int,
+                variant: str) -> tuple[dict, list[dict]]:
+    """Run one (alpha, seed, variant), or reuse it: a finished run's result.json (same settings) is read back, and a
+    run interrupted after some rounds continues from its server checkpoint.  So the protocol, hours on a CPU, can
+    be completed over several invocations of the same command."""
+    run_dir, config = Path(settings.out_dir), settings.to_config()
+    done = run_dir / "result.json"
+    if done.exists():
+        saved = json.loads(done.read_text())
+        if saved.get("settings") == config:
+            return {**saved["result"], "reused": True}, read_rounds(run_dir / "rounds.csv")
+    if resume_round(replace(settings, resume=True)) > 0:
+        settings = replace(settings, resume=True)
+    start = time.perf_counter()
+    rows = simulate(settings, args.clients, engine=args.engine)
+    summary = summarise(rows, variant)
+    result = {"alpha": alpha, "seed": seed, "variant": variant, "rounds": summary["rounds"],
+              "final_accuracy": summary["final_accuracy"], "uplink_bytes": summary["uplink_bytes"],
+              "downlink_bytes": summary["downlink_bytes"], "wall_seconds": round(time.perf_counter() - start, 1),
+              "resumed": settings.resume}
+    write_json(done, {"settings": config, "result": result})
+    return result, rows
+
+
+def read_rounds(path: Path) -> list[dict]:
+    """The rows of a finished run's rounds.csv, as text (`plot_accuracy` parses the columns it draws)."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def run_all(args: argparse.Namespace) -> list[dict]:
     results, out = [], Path(args.out)
     for alpha in args.alphas:
@@ -61,15 +97,11 @@ def run_all(args: argparse.Namespace) -> list[dict]:
             for variant in args.variants:
                 run_dir = out / f"alpha{alpha}" / f"seed{seed}" / variant
                 settings = replace(variant_settings(variant, base, args), out_dir=str(run_dir))
-                start = time.perf_counter()
-                rows = simulate(settings, args.clients)
-                summary = summarise(rows, variant)
-                results.append({"alpha": alpha, "seed": seed, "variant": variant, "rounds": summary["rounds"],
-                                "final_accuracy": summary["final_accuracy"], "uplink_bytes": summary["uplink_bytes"],
-                                "downlink_bytes": summary["downlink_bytes"],
-                                "wall_seconds": round(time.perf_counter() - start, 1)})
-                print(f"alpha={alpha} seed={seed} {variant}: accuracy {100 * summary['final_accuracy']:.2f} %, "
-                      f"uplink {summary['uplink_bytes'] / 1e6:.3f} MB, {results[-1]['wall_seconds']} s", flush=True)
+                result, rows = run_variant(settings, args, alpha, seed, variant)
+                results.append(result)
+                print(f"alpha={alpha} seed={seed} {variant}: accuracy {100 * result['final_accuracy']:.2f} %, "
+                      f"uplink {result['uplink_bytes'] / 1e6:.3f} MB, {result['wall_seconds']} s"
+                      f"{' (from an earlier invocation)' if result.get('reused') else ''}", flush=True)
                 if seed == args.seeds[0]:
                     curves[variant] = rows
         plot_accuracy(curves, out / f"accuracy_alpha{alpha}.png")
@@ -136,13 +168,15 @@ def main() -> None:
     parser.add_argument("--multi-server-epochs", type=int, default=100)
     parser.add_argument("--finetune-epochs", type=int, default=10)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--engine", default="local", choices=("local", "ray"),
+                        help="clients in this process one after another (local, default) or Flower's Ray engine")
     parser.add_argument("--out", default="runs/bench_federated")
     args = parser.parse_args()
 
     start = time.perf_counter()
     results = run_all(args)
     out = Path(args.out)
-    write_csv(results, out / "results.csv")
+    write_csv([{k: v for k, v in r.items() if k != "reused"} for r in results], out / "results.csv")
     report = table(results, args) + "\n\n" + "\n".join(target_check(results, a) for a in args.alphas)
     atomic_write(out / "results.md", lambda f: f.write(report.encode() + b"\n"))
     print(report)
