@@ -16,11 +16,15 @@ Protocol (defaults; CPU-sized):
    first, outliers refused), then a ConvNet-3 width 32 is trained on the pool (`--server-epochs` 100, SGD lr 0.01,
    batch 64, DSA) and tested on the test split; `--models` 3 server seeds per variant.
 
-Prints one row per (attack, screen): sets kept, test accuracy mean +- std, and the difference to the clean
-unscreened run; writes OUT/results.md and OUT/results.json.
+Prints one row per (attack, screen): sets kept, test accuracy mean +- std, the difference to the clean
+unscreened run and, on screened rows, the highest honest and the lowest attacker screen score (`--screen-threshold`
+2.5 must lie between them); every client's score is in the per-row progress line and in OUT/results.json.  The
+server models are trained once per distinct pool (a screened row that keeps the honest sets reuses the "absent"
+row's models).  Writes OUT/results.md and OUT/results.json.
 
     python simulations/bench_poison.py --dataset digits --out runs/bench_poison_digits
     python simulations/bench_poison.py --dataset fashion-mnist --out runs/bench_poison_fmnist
+    python simulations/bench_poison.py --dataset digits --screen-threshold 3 --out runs/bench_poison_digits
 """
 
 from __future__ import annotations
@@ -77,13 +81,26 @@ def attacked(synset: SyntheticSet, attack: str, seed: int) -> SyntheticSet:
     return synset
 
 
-def server_accuracy(sets: list[SyntheticSet], screen: str, data: ImageDataset,
-                    args: argparse.Namespace) -> tuple[int, list[float]]:
-    """Admit the round's sets (screened or not) to a FedDistill memory, train the server model on the pool with
-    `args.models` seeds; return (sets kept, test accuracies)."""
+def round_sets(honest: list[SyntheticSet], attack: str, attackers: int) -> list[tuple[int, SyntheticSet]]:
+    """The (client, set) pairs the server receives under `attack`: clients below `attackers` send attacked copies
+    ("absent": nothing at all)."""
+    if attack == "absent":
+        return list(enumerate(honest))[attackers:]
+    return [(i, attacked(s, attack, seed=i) if i < attackers else s) for i, s in enumerate(honest)]
+
+
+def admitted(arrived: list[tuple[int, SyntheticSet]], screen: str, data: ImageDataset,
+             args: argparse.Namespace) -> SyntheticMemory:
+    """A FedDistill memory after one round's sets were admitted (screened first with `screen` "embedding")."""
     memory = SyntheticMemory(image_shape=data.image_shape, n_classes=data.n_classes, max_images=10_000,
-                             max_bytes=2**29, screen=create_screen(screen, seed=args.seed))
-    kept = memory.admit(1, list(enumerate(sets)), TrafficLog())
+                             max_bytes=2**29, screen=create_screen(screen, seed=args.seed,
+                                                                   threshold=args.screen_threshold))
+    memory.admit(1, arrived, TrafficLog())
+    return memory
+
+
+def pool_accuracies(memory: SyntheticMemory, data: ImageDataset, args: argparse.Namespace) -> list[float]:
+    """Test accuracy of `args.models` server models (one per seed) trained on the memory's pool."""
     config = TrainConfig(epochs=args.server_epochs, lr=0.01, batch_size=64, dsa=True)
     accuracies = []
     for model_seed in range(args.models):
@@ -93,20 +110,31 @@ def server_accuracy(sets: list[SyntheticSet], screen: str, data: ImageDataset,
                                  config=config, device=args.device, seed=model_seed)
         accuracies.append(evaluate_model(arrays_to_model(net, arrays), data.test_images, data.test_labels,
                                          device=args.device))
-    return kept, accuracies
+    return accuracies
 
 
 def run(args: argparse.Namespace) -> list[dict]:
+    """One row per (attack, screen).  The server models are trained once per distinct pool: a screened row that
+    keeps the same sets as another row (e.g. the attackers refused = "absent") reuses its accuracies, which are
+    the same seeds on the same data."""
     data = load_dataset(args.dataset, args.data_root)
     honest = client_sets(data, args)
+    screen = create_screen("embedding", seed=args.seed, threshold=args.screen_threshold)
+    trained: dict[tuple, list[float]] = {}
     results = []
     for attack in ATTACKS:
-        sets = honest[args.attackers:] if attack == "absent" else [
-            attacked(s, attack, seed=i) if i < args.attackers else s for i, s in enumerate(honest)]
-        for screen in ("none",) if attack == "absent" else ("none", "embedding"):
+        arrived = round_sets(honest, attack, args.attackers)
+        scores = {} if attack == "absent" else dict(zip([i for i, _ in arrived],
+                                                        screen([s for _, s in arrived]).scores, strict=True))
+        for screen_name in ("none",) if attack == "absent" else ("none", "embedding"):
             start = time.perf_counter()
-            kept, accuracies = server_accuracy(sets, screen, data, args)
-            results.append({"attack": attack, "screen": screen, "kept": kept, "accuracies": accuracies,
+            memory = admitted(arrived, screen_name, data, args)
+            pool = tuple((i, attack if i < args.attackers else "honest") for i in memory.sets)
+            if pool not in trained:
+                trained[pool] = pool_accuracies(memory, data, args)
+            accuracies = trained[pool]
+            results.append({"attack": attack, "screen": screen_name, "kept": len(memory.sets),
+                            "kept_clients": list(memory.sets), "scores": scores, "accuracies": accuracies,
                             "mean": statistics.mean(accuracies),
                             "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
                             "seconds": round(time.perf_counter() - start, 1)})
@@ -114,16 +142,27 @@ def run(args: argparse.Namespace) -> list[dict]:
     return results
 
 
+def score_margin(row: dict, attackers: int) -> tuple[str, str]:
+    """(highest honest score, lowest attacker score) of a screened row, formatted; "-" for unscreened rows."""
+    if row["screen"] == "none":
+        return "-", "-"
+    attacking = [s for i, s in row["scores"].items() if i < attackers and row["attack"] != "none"]
+    honest = [s for i, s in row["scores"].items() if i >= attackers or row["attack"] == "none"]
+    return f"{max(honest):.2f}", f"{min(attacking):.2f}" if attacking else "-"
+
+
 def markdown(results: list[dict], args: argparse.Namespace) -> str:
     clean = next(r["mean"] for r in results if r["attack"] == "none" and r["screen"] == "none")
     split = f"Dirichlet {args.alpha}" if args.partitioner == "dirichlet" else args.partitioner
     lines = [f"{args.dataset}: {args.clients} clients ({split}), {args.attackers} attackers, "
-             f"{args.models} server models per row",
-             "| attack | screen | sets kept | test accuracy % (mean +- std) | vs clean, points |",
-             "| --- | --- | ---: | ---: | ---: |"]
+             f"{args.models} server models per row, screen threshold {args.screen_threshold}",
+             "| attack | screen | sets kept | test accuracy % (mean +- std) | vs clean, points | max honest score | "
+             "min attacker score |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
+        honest_max, attacker_min = score_margin(r, args.attackers)
         lines.append(f"| {r['attack']} | {r['screen']} | {r['kept']}/{args.clients} | {100 * r['mean']:.2f} +- "
-                     f"{100 * r['std']:.2f} | {100 * (r['mean'] - clean):+.2f} |")
+                     f"{100 * r['std']:.2f} | {100 * (r['mean'] - clean):+.2f} | {honest_max} | {attacker_min} |")
     return "\n".join(lines)
 
 
@@ -141,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-real", type=int, default=64)
     p.add_argument("--server-epochs", type=int, default=100)
     p.add_argument("--models", type=int, default=3)
+    p.add_argument("--screen-threshold", type=float, default=2.5,
+                   help="embedding screen: score above which a set is refused (default 2.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/bench_poison")

@@ -54,6 +54,8 @@ class FedDistill(Metered, FedAvg):
         Poisoning screen of each round's sets before they enter the memory: "none", or "embedding" (per-class mean
         embeddings under seeded random ConvNets against the median over clients, `fedcl.screen`); outliers are
         counted as failures with the screen's reason.
+    screen_threshold : float (default: 2.5)
+        Score above which the "embedding" screen refuses a set (honest sets score about 1; must be > 0).
     guide_with_global : bool (default: True)
         Send the current global model from round 2 on, so clients distil against it.  False keeps every round
         one-shot style (random networks, no downlink of weights).
@@ -69,14 +71,14 @@ class FedDistill(Metered, FedAvg):
     def __init__(self, *, image_shape: tuple[int, int, int], n_classes: int, model: str = "convnet",
                  model_cfg: dict | None = None, train_config: TrainConfig = TrainConfig(epochs=100),
                  memory: str = "all", max_images_per_client: int = 10_000, max_bytes_per_client: int = MAX_BYTES,
-                 screen: str = "none", guide_with_global: bool = True, device: str = "auto", seed: int = 0,
-                 **fedavg_options) -> None:
+                 screen: str = "none", screen_threshold: float = 2.5, guide_with_global: bool = True,
+                 device: str = "auto", seed: int = 0, **fedavg_options) -> None:
         super().__init__(**fedavg_options)
         self.model, self.model_cfg, self.train_config = model, dict(model_cfg or {}), train_config
         self.guide_with_global, self.device, self.seed = guide_with_global, device, seed
         self.memory = SyntheticMemory(image_shape=image_shape, n_classes=n_classes, policy=memory,
                                       max_images=max_images_per_client, max_bytes=max_bytes_per_client,
-                                      screen=create_screen(screen, seed=seed))
+                                      screen=create_screen(screen, seed=seed, threshold=screen_threshold))
         self._arrays: ArrayRecord | None = None
 
     def summary(self) -> None:

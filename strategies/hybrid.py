@@ -50,6 +50,8 @@ class FedAvgDistill(Metered, FedAvg):
         Poisoning screen of each round's sets before they enter the memory: "none", or "embedding" (per-class mean
         embeddings under seeded random ConvNets against the median over clients, `fedcl.screen`); outliers are
         counted as failures with the screen's reason.
+    screen_threshold : float (default: 2.5)
+        Score above which the "embedding" screen refuses a set (honest sets score about 1; must be > 0).
     device : str (default: "auto")
         Where the server fine-tunes.
     seed : int (default: 0)
@@ -63,13 +65,13 @@ class FedAvgDistill(Metered, FedAvg):
                  model_cfg: dict | None = None, finetune_config: TrainConfig = TrainConfig(epochs=10),
                  distill_rounds: tuple[int, ...] = (1,), memory: str = "latest",
                  max_images_per_client: int = 10_000, max_bytes_per_client: int = MAX_BYTES, screen: str = "none",
-                 device: str = "auto", seed: int = 0, **fedavg_options) -> None:
+                 screen_threshold: float = 2.5, device: str = "auto", seed: int = 0, **fedavg_options) -> None:
         super().__init__(**fedavg_options)
         self.model, self.model_cfg, self.finetune_config = model, dict(model_cfg or {}), finetune_config
         self.distill_rounds, self.device, self.seed = tuple(distill_rounds), device, seed
         self.memory = SyntheticMemory(image_shape=image_shape, n_classes=n_classes, policy=memory,
                                       max_images=max_images_per_client, max_bytes=max_bytes_per_client,
-                                      screen=create_screen(screen, seed=seed))
+                                      screen=create_screen(screen, seed=seed, threshold=screen_threshold))
 
     def summary(self) -> None:
         super().summary()

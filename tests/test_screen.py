@@ -53,6 +53,37 @@ def test_screen_keeps_every_honest_set():
     assert all(0 < s < EmbeddingScreen().threshold for s in verdict.scores)
 
 
+def _one_odd_class(synset: SyntheticSet) -> SyntheticSet:
+    """An honest set under label skew: only classes 0-2, and class 0's images blown out (a class distilled from a
+    handful of real images can have such an off class mean)."""
+    keep = synset.hard_labels < 3
+    images = synset.images[keep].clone()
+    images[synset.hard_labels[keep] == 0] = 3.0
+    return replace(synset, images=images, labels=synset.labels[keep])
+
+
+def test_one_odd_class_does_not_get_an_honest_set_refused_but_a_flipped_set_is():
+    sets = _honest_sets("iid")
+    sets[0], sets[1] = _one_odd_class(sets[0]), _flipped(sets[1])
+    screen = EmbeddingScreen()
+    verdict = screen(sets)
+    assert verdict.outliers == [1], verdict.scores
+    per_class = screen.class_scores(sets)
+    assert per_class[0, 0] > 2 * screen.threshold  # the odd class itself is far off ...
+    assert per_class[0].nanmean() > screen.threshold  # ... so a mean over the classes would have refused set 0
+    assert verdict.scores[0] < 1.5 < screen.threshold < verdict.scores[1]
+
+
+def test_the_threshold_decides_and_must_be_positive():
+    sets = _honest_sets("iid")
+    sets[1] = _flipped(sets[1])
+    scores = EmbeddingScreen()(sets).scores
+    assert EmbeddingScreen(threshold=scores[1] + 0.01)(sets).outliers == []
+    assert EmbeddingScreen(threshold=max(scores) - 0.01)(sets).outliers == [1]
+    with pytest.raises(ValueError, match="threshold must be > 0"):
+        EmbeddingScreen(threshold=0.0)
+
+
 def test_too_few_sets_are_not_judged():
     sets = _honest_sets("iid", n_clients=2)
     verdict = EmbeddingScreen()([sets[0], _noise(sets[1])])
@@ -62,6 +93,8 @@ def test_too_few_sets_are_not_judged():
 def test_create_screen_by_name():
     assert create_screen("none") is None
     assert create_screen("embedding", seed=3) == EmbeddingScreen(seed=3)
+    assert create_screen("embedding", seed=3, threshold=4.0) == EmbeddingScreen(seed=3, threshold=4.0)
+    assert create_screen("none", threshold=4.0) is None
     with pytest.raises(ValueError, match="unknown screen 'median'"):
         create_screen("median")
 

@@ -9,6 +9,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fedcl.flower.settings import FedSettings
 
 _EXAMPLES = """examples:
   fedcl simulate --dataset digits --clients 3 --strategy fed-distill --rounds 1 --seed 0 --out runs/sim
@@ -69,6 +73,8 @@ def register(subparsers: argparse._SubParsersAction) -> dict[str, Callable[[argp
     p.add_argument("--memory", default="all", choices=("all", "latest"), help="pooled memory policy (default all)")
     p.add_argument("--screen", default="none",
                    help="poisoning screen of incoming synthetic sets: none (default) or embedding (fedcl.screen)")
+    p.add_argument("--screen-threshold", type=float, default=2.5,
+                   help="embedding screen: score above which a set is refused (default 2.5; honest sets score ~1)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the checkpoint of the last completed round under --out (same settings)")
     p.add_argument("--fraction-evaluate", type=float, default=0.0,
@@ -131,22 +137,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedcl.flower.results import markdown_table, read_csv, summarise, task_summary, task_table
-    from fedcl.flower.settings import FedSettings
     from fedcl.flower.simulation import simulate, write_partitions
 
-    if args.clients < 1:
-        raise ValueError(f"--clients must be >= 1, got {args.clients}")
-    settings = FedSettings(
-        dataset=args.dataset, data_root=args.data_root, partitioner=args.partitioner, alpha=args.alpha,
-        classes_per_client=args.classes_per_client, seed=args.seed, model=args.model, width=args.width,
-        scenario=args.scenario, tasks=args.tasks, task_order=args.task_order,
-        replay_batch_size=args.replay_batch_size, strategy=args.strategy, num_rounds=args.rounds,
-        fraction_evaluate=args.fraction_evaluate,
-        min_nodes=args.clients, ipc=args.ipc, distill_iterations=args.distill_iterations,
-        upload_dtype=args.upload_dtype, local_epochs=args.local_epochs,
-        local_lr=args.local_lr, local_batch_size=args.local_batch_size, server_epochs=args.server_epochs,
-        finetune_epochs=args.finetune_epochs, memory=args.memory, screen=args.screen, out_dir=args.out,
-        resume=args.resume, device=args.device)
+    settings = simulate_settings(args)
     if args.resume:
         from fedcl.flower.server_app import resume_round
 
@@ -162,3 +155,23 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(markdown_table([summarise(rows, args.strategy)]))
     print(f"wrote {args.out}/rounds.csv, accuracy.png, summary.md, partitions.png")
     return 0
+
+
+def simulate_settings(args: argparse.Namespace) -> FedSettings:
+    """The FedSettings of a `fedcl simulate` command line (ValueError on a bad value, before anything runs)."""
+    from fedcl.flower.settings import FedSettings
+
+    if args.clients < 1:
+        raise ValueError(f"--clients must be >= 1, got {args.clients}")
+    return FedSettings(
+        dataset=args.dataset, data_root=args.data_root, partitioner=args.partitioner, alpha=args.alpha,
+        classes_per_client=args.classes_per_client, seed=args.seed, model=args.model, width=args.width,
+        scenario=args.scenario, tasks=args.tasks, task_order=args.task_order,
+        replay_batch_size=args.replay_batch_size, strategy=args.strategy, num_rounds=args.rounds,
+        fraction_evaluate=args.fraction_evaluate,
+        min_nodes=args.clients, ipc=args.ipc, distill_iterations=args.distill_iterations,
+        upload_dtype=args.upload_dtype, local_epochs=args.local_epochs,
+        local_lr=args.local_lr, local_batch_size=args.local_batch_size, server_epochs=args.server_epochs,
+        finetune_epochs=args.finetune_epochs, memory=args.memory, screen=args.screen,
+        screen_threshold=args.screen_threshold, out_dir=args.out,
+        resume=args.resume, device=args.device)

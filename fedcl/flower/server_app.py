@@ -42,8 +42,8 @@ def build_strategy(settings: FedSettings, dataset: ImageDataset) -> Strategy:
         return MeteredFedAvg(**sampling)
     common = dict(image_shape=dataset.image_shape, n_classes=dataset.n_classes, model=settings.model,
                   model_cfg=settings.model_cfg, max_images_per_client=settings.ipc * dataset.n_classes,
-                  memory=settings.memory, screen=settings.screen, device=settings.device, seed=settings.seed,
-                  **sampling)
+                  memory=settings.memory, screen=settings.screen, screen_threshold=settings.screen_threshold,
+                  device=settings.device, seed=settings.seed, **sampling)
     server_training = dict(lr=settings.server_lr, batch_size=settings.server_batch_size, dsa=True)
     if settings.strategy == "fed-distill":
         return FedDistill(train_config=TrainConfig(epochs=settings.server_epochs, **server_training), **common)

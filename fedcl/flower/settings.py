@@ -44,7 +44,8 @@ class FedSettings:
     Server training on the pooled synthetic memory: server_epochs (fed-distill, every round), finetune_epochs
     (hybrid, after every aggregation), server_lr, server_batch_size (small pools need small batches to get
     enough steps per epoch), memory ("all" sets ever received or each client's "latest"), screen (poisoning
-    screen of incoming sets: "none" or "embedding", see `fedcl.screen`).
+    screen of incoming sets: "none" or "embedding", see `fedcl.screen`), screen_threshold (the embedding screen's
+    score above which a set is refused; honest sets score about 1).
     Output: out_dir (rounds.csv, plots, summary, and the server checkpoint of the last completed round),
     resume (continue from that checkpoint instead of starting over), device ("auto" = CUDA when present).
     """
@@ -83,6 +84,7 @@ class FedSettings:
     server_batch_size: int = 64
     memory: str = "all"
     screen: str = "none"
+    screen_threshold: float = 2.5
     out_dir: str = "runs/flower"
     resume: bool = False
     device: str = "auto"
@@ -102,6 +104,8 @@ class FedSettings:
             raise ValueError(f"memory must be 'all' or 'latest', got {self.memory!r}")
         if self.screen != "none":
             _check_screen(self.screen)
+        if not self.screen_threshold > 0:
+            raise ValueError(f"screen-threshold must be > 0 (honest sets score about 1), got {self.screen_threshold}")
         if self.resume and self.scenario == "continual":
             raise ValueError("resume works in the standard scenario only; a continual run restarts from task 1 "
                              "(its clients' memories persist on their own, see memory-dir)")
