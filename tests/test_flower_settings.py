@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tomllib
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -36,5 +36,39 @@ def test_the_flwr_app_config_names_only_known_settings():
     known = {f.name.replace("_", "-") for f in fields(FedSettings)}
     assert set(config["config"]) <= known
     assert FedSettings.from_config(config["config"]).strategy == "fed-distill"
+    assert FedSettings.from_config(config["config"]).screen_threshold == FedSettings().screen_threshold
     assert config["components"] == {"serverapp": "fedcl.flower.server_app:app",
                                     "clientapp": "fedcl.flower.client_app:app"}
+
+
+def test_the_screen_threshold_travels_from_the_command_line_to_both_strategies():
+    from fedcl.cli import build_parser
+    from fedcl.data import load_dataset
+    from fedcl.flower.cli import simulate_settings
+    from fedcl.flower.server_app import build_strategy
+    from fedcl.screen import EmbeddingScreen
+
+    settings = simulate_settings(build_parser().parse_args(["simulate", "--screen", "embedding",
+                                                             "--screen-threshold", "4", "--seed", "3"]))
+    assert settings.screen == "embedding" and settings.screen_threshold == 4.0
+    assert FedSettings.from_config(settings.to_config()) == settings
+    assert FedSettings.from_config({"screen-threshold": "3"}).screen_threshold == 3.0
+    digits = load_dataset("digits")
+    for strategy in ("fed-distill", "hybrid"):
+        built = build_strategy(replace(settings, strategy=strategy), digits)
+        assert built.memory.screen == EmbeddingScreen(seed=3, threshold=4.0), strategy
+    default = simulate_settings(build_parser().parse_args(["simulate"]))
+    assert default.screen_threshold == FedSettings().screen_threshold == EmbeddingScreen().threshold
+
+
+def test_a_screen_threshold_that_is_not_positive_is_refused(tmp_path, capsys):
+    from fedcl.cli import main
+
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="screen-threshold must be > 0"):
+            FedSettings(screen_threshold=bad)
+    with pytest.raises(ValueError, match="screen-threshold must be > 0"):
+        FedSettings.from_config({"screen-threshold": "-1"})
+    assert main(["simulate", "--screen", "embedding", "--screen-threshold", "0", "--out", str(tmp_path)]) == 2
+    assert "screen-threshold must be > 0" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything ran
