@@ -7,6 +7,9 @@ One SyntheticSet per key (an Avalanche experience, a federated client's task).  
   (default), herded or truncated within them - never dropped, so every class seen stays represented;
 - `images_per_class`: a fixed ipc; the memory grows by that many images per new class.
 
+A held set may carry soft labels (a distribution per image, e.g. a model's predictions recorded by `relabel`);
+`labelled` hands them to replay, and compression keeps each kept image's own label (`carry_soft_labels`).
+
 The memory is persisted as SyntheticSet safetensors blobs plus a JSON index (`dump` / `restore`), on disk
 (`save` / `load`, atomic writes) or in any key-value store such as a Flower client's `Context.state`; nothing is
 ever unpickled and every set is validated on the way back.  `fedcl.avalanche.DistilledBuffer` wraps this class
