@@ -7,6 +7,9 @@ One SyntheticSet per key (an Avalanche experience, a federated client's task).  
   (default), herded or truncated within them - never dropped, so every class seen stays represented;
 - `images_per_class`: a fixed ipc; the memory grows by that many images per new class.
 
+A held set may carry soft labels (a distribution per image, e.g. a model's predictions recorded by `relabel`);
+`labelled` hands them to replay, and compression keeps each kept image's own label (`carry_soft_labels`).
+
 The memory is persisted as SyntheticSet safetensors blobs plus a JSON index (`dump` / `restore`), on disk
 (`save` / `load`, atomic writes) or in any key-value store such as a Flower client's `Context.state`; nothing is
 ever unpickled and every set is validated on the way back.  `fedcl.avalanche.DistilledBuffer` wraps this class
@@ -26,6 +29,7 @@ import torch
 from fedcl.distill.base import Distiller, Source, create_distiller
 from fedcl.files import atomic_write
 from fedcl.synthetic import SyntheticSet, SyntheticSetError
+from fedcl.train import common_labels
 
 COMPRESSIONS = ("redistill", "herding", "truncate")
 INDEX_FILE = "memory.json"
@@ -99,6 +103,15 @@ class DistilledMemory:
             return None
         return torch.cat([s.images for s in soft]), torch.cat([as_distribution(s.labels) for s in soft])
 
+    def labelled(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, labels) of every held set, in key order, for replay: class ids when every set has hard labels,
+        else a distribution per image (soft labels as held, hard ones as one-hot rows)."""
+        if not self.sets:
+            return torch.empty(0), torch.empty(0, dtype=torch.long)
+        ordered = [self.sets[k] for k in sorted(self.sets)]
+        labels = common_labels(*(as_distribution(s.labels) if s.soft_labels else s.labels for s in ordered))
+        return torch.cat([s.images for s in ordered]), torch.cat(labels)
+
     # ------------------------------------------------------------------ changing it
     def add(self, key: int, images: torch.Tensor, labels: torch.Tensor, distiller: Distiller, *, n_classes: int,
             source: Source | None = None, task: int = 0) -> SyntheticSet:
@@ -123,6 +136,18 @@ class DistilledMemory:
                              "compress_seconds": round(compress_seconds, 3)})
         return self.sets[int(key)]
 
+    def relabel(self, key: int, labels: torch.Tensor) -> SyntheticSet:
+        """Give the set held under `key` new labels, e.g. soft labels recorded from a model (validated; every
+        image keeps its class: the arg-max of its new label must be its old class id); return the new set."""
+        synset = self.sets[int(key)]
+        if labels.shape[:1] != synset.labels.shape[:1]:
+            raise ValueError(f"need one label per image ({len(synset)}), got shape {tuple(labels.shape)}")
+        relabelled = replace(synset, labels=labels.detach().cpu().contiguous()).validate()
+        if not torch.equal(relabelled.hard_labels, synset.hard_labels):
+            raise ValueError("relabelling must keep every image's class (the arg-max of its label)")
+        self.sets[int(key)] = relabelled
+        return relabelled
+
     def resize(self, new_size: int, distiller: Distiller | None = None) -> None:
         """Change to a total budget of `new_size` images; held sets are compressed (never dropped) to fit."""
         if new_size < 1:
@@ -138,6 +163,11 @@ class DistilledMemory:
                 self.sets[key] = tagged(self._compressed(synset, ipc, distiller), task_label(synset))
 
     def _compressed(self, synset: SyntheticSet, ipc: int, distiller: Distiller | None) -> SyntheticSet:
+        """The set compressed to `ipc` images per class; soft labels survive (see `carry_soft_labels`)."""
+        compressed = self._compressed_images(synset, ipc, distiller)
+        return carry_soft_labels(synset, compressed) if synset.soft_labels else compressed
+
+    def _compressed_images(self, synset: SyntheticSet, ipc: int, distiller: Distiller | None) -> SyntheticSet:
         if self.compress == "truncate":
             return truncate(synset, ipc)
         if self.compress == "herding":
@@ -214,6 +244,21 @@ def truncate(synset: SyntheticSet, ipc: int) -> SyntheticSet:
     keep = rank < ipc
     return replace(synset, images=synset.images[keep].clone(), labels=synset.labels[keep].clone(),
                    meta=replace(synset.meta, ipc=min(ipc, synset.meta.ipc)))
+
+
+def carry_soft_labels(original: SyntheticSet, compressed: SyntheticSet) -> SyntheticSet:
+    """`compressed` (made from `original`'s images) with soft labels taken from `original`: every image gets the
+    label of its nearest original image of the same class (itself, for herding and truncation; for re-distilled
+    images, the one they moved least from when DM starts from the held images)."""
+    if compressed.soft_labels:
+        return compressed
+    labels = torch.empty(len(compressed), original.labels.shape[1])
+    source, target = original.hard_labels, compressed.hard_labels
+    for c in compressed.classes():
+        into, members = torch.nonzero(target == c).flatten(), torch.nonzero(source == c).flatten()
+        nearest = torch.cdist(compressed.images[into].flatten(1), original.images[members].flatten(1)).argmin(dim=1)
+        labels[into] = original.labels[members[nearest]].float()
+    return replace(compressed, labels=labels)
 
 
 def tagged(synset: SyntheticSet, task: int) -> SyntheticSet:

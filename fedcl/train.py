@@ -54,7 +54,7 @@ def train_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, co
     if replay is not None and len(replay[0]) == 0:
         replay = None
     if replay is not None:
-        labels, replay_labels = _common_labels(labels, replay[1])
+        labels, replay_labels = common_labels(labels, replay[1])
         replay = (replay[0].to(device), replay_labels.to(device))
     images, labels = images.to(device), labels.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
@@ -86,16 +86,13 @@ def train_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, co
     return history
 
 
-def _common_labels(labels: torch.Tensor, replay_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both label tensors as class ids, or both as distributions when either is soft (width: the larger one's)."""
-    if labels.ndim == 1 and replay_labels.ndim == 1:
-        return labels, replay_labels
-    width = max(t.shape[1] for t in (labels, replay_labels) if t.ndim == 2)
-
-    def soft(t: torch.Tensor) -> torch.Tensor:
-        return t.float() if t.ndim == 2 else F.one_hot(t.long(), width).float()
-
-    return soft(labels), soft(replay_labels)
+def common_labels(*labels: torch.Tensor) -> list[torch.Tensor]:
+    """The label tensors as class ids when all are, else all as float distributions (class ids become one-hot
+    rows; width: the widest soft tensor's), so that they can be concatenated or mixed in one batch."""
+    if all(t.ndim == 1 for t in labels):
+        return list(labels)
+    width = max(t.shape[1] for t in labels if t.ndim == 2)
+    return [t.float() if t.ndim == 2 else F.one_hot(t.long(), width).float() for t in labels]
 
 
 def train_with_learned_lrs(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, lrs: torch.Tensor, *,
@@ -146,6 +143,29 @@ def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         correct += int((model(x).argmax(dim=1) == y).sum())
     model.train()
     return correct / max(1, images.shape[0])
+
+
+@torch.no_grad()
+def soft_predictions(model: nn.Module, images: torch.Tensor, *, temperature: float = 1.0,
+                     classes: list[int] | None = None, device: str | torch.device = "auto",
+                     batch_size: int = 1024) -> torch.Tensor:
+    """The model's softmax(logits / temperature) on `images`, (N, n_classes) float32 on the CPU.
+
+    classes: when given, only these classes get probability mass (the others' logits are masked out), e.g. the
+    classes a continual learner has met so far, whose untrained heads would otherwise leak mass to the future.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    device = resolve_device(device)
+    model.to(device).eval()
+    logits = torch.cat([model(images[i:i + batch_size].to(device)).float().cpu()
+                        for i in range(0, images.shape[0], batch_size)])
+    model.train()
+    if classes is not None:
+        mask = torch.full((logits.shape[1],), float("-inf"))
+        mask[torch.tensor(classes, dtype=torch.long)] = 0.0
+        logits = logits + mask
+    return (logits / temperature).softmax(dim=1)
 
 
 @dataclass(frozen=True)

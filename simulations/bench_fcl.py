@@ -16,6 +16,7 @@ and one folder per run.
 
     python simulations/bench_fcl.py --out runs/bench_fcl                                   # the full protocol
     python simulations/bench_fcl.py --seeds 0 --rounds 1 --out runs/bench_fcl_small       # a CPU-sized run
+    python simulations/bench_fcl.py --label-temperature 2 --out runs/bench_fcl_soft       # soft-labelled memories
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def main() -> None:
     parser.add_argument("--batch-real", type=int, default=64)
     parser.add_argument("--finetune-epochs", type=int, default=10,
                         help="fed-distill-server: server epochs on its memory at each task's end (default 10)")
+    parser.add_argument("--label-temperature", type=float, default=0.0,
+                        help="memory strategies: soft labels from the global model at temperature T (0 = hard)")
     parser.add_argument("--upload-dtype", default="float16", choices=("float32", "float16"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--engine", default="local", choices=("local", "ray"),
@@ -61,12 +64,14 @@ def main() -> None:
                            local_lr=args.local_lr, local_batch_size=args.batch_size,
                            replay_batch_size=args.batch_size, width=args.width,
                            distill_iterations=args.distill_iterations, batch_real=args.batch_real,
-                           finetune_epochs=args.finetune_epochs, upload_dtype=args.upload_dtype, device=args.device)
+                           finetune_epochs=args.finetune_epochs, upload_dtype=args.upload_dtype,
+                           label_temperature=args.label_temperature, device=args.device)
     start = time.perf_counter()
     table = run_comparison(settings, args.clients, args.strategies, args.seeds, args.out, engine=args.engine)
     print(f"{args.dataset}: {args.clients} clients, {args.tasks} tasks, Dirichlet {args.alpha}, memory {args.ipc} "
           f"images per class per client, seeds {args.seeds}, {args.rounds} rounds x {args.local_epochs} local "
-          f"epochs per task, DM {args.distill_iterations} iterations, width {args.width}")
+          f"epochs per task, DM {args.distill_iterations} iterations, width {args.width}, label temperature "
+          f"{args.label_temperature}")
     print_comparison(table)
     print(f"total wall time {time.perf_counter() - start:.0f} s; wrote {args.out}/tasks.csv, accuracy.png, "
           "summary.md")

@@ -84,6 +84,9 @@ class ContinualFedAvg(Metered, FedAvg):
         `fedcl.models.create_model` name and options of the global model (for the fine-tuning).
     finetune_config : TrainConfig (default: TrainConfig(epochs=10, decay_at=1.0))
         How the server fine-tunes the global model on its memory at the end of a task.
+    distill_with_model : bool (default: False)
+        The distillation request also carries the global model (clients that label their memory with it need it;
+        it counts in the downlink).
     slice_ipc : int (default: 10)
         Images per class in the replay slice sent to a client.
     max_images_per_client, max_bytes_per_client :
@@ -96,13 +99,15 @@ class ContinualFedAvg(Metered, FedAvg):
 
     def __init__(self, *, schedule: TaskSchedule, image_shape: tuple[int, int, int], n_classes: int,
                  server_memory: bool = False, model: str = "convnet", model_cfg: dict | None = None,
-                 finetune_config: TrainConfig = TrainConfig(epochs=10, decay_at=1.0), slice_ipc: int = 10,
+                 finetune_config: TrainConfig = TrainConfig(epochs=10, decay_at=1.0),
+                 distill_with_model: bool = False, slice_ipc: int = 10,
                  max_images_per_client: int = 10_000, max_bytes_per_client: int = MAX_BYTES, device: str = "auto",
                  seed: int = 0, **fedavg_options) -> None:
         super().__init__(**fedavg_options)
         if server_memory and not schedule.distill_round:
             raise ValueError("a server memory needs a distillation round at the end of every task")
         self.schedule, self.server_memory, self.slice_ipc = schedule, server_memory, slice_ipc
+        self.distill_with_model = distill_with_model
         self.model, self.model_cfg, self.finetune_config = model, dict(model_cfg or {}), finetune_config
         self.device, self.seed = device, seed
         self.memory = SyntheticMemory(image_shape=image_shape, n_classes=n_classes, policy="all",
@@ -123,8 +128,9 @@ class ContinualFedAvg(Metered, FedAvg):
             config["server-round"] = server_round
             sample_size = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
             node_ids, _ = sample_nodes(grid, self.min_available_nodes, sample_size)
-            return [Message(content=RecordDict({self.configrecord_key: config}), message_type=DISTILL_MESSAGE,
-                            dst_node_id=node) for node in node_ids]
+            records = {self.arrayrecord_key: arrays} if self.distill_with_model else {}
+            return [Message(content=RecordDict({**records, self.configrecord_key: config}),
+                            message_type=DISTILL_MESSAGE, dst_node_id=node) for node in node_ids]
         messages = list(super().configure_train(server_round, arrays, config, grid))
         if not (self.server_memory and self.schedule.is_task_start(server_round) and len(self.memory)):
             return messages

@@ -5,7 +5,9 @@ The ClientApp (`fedcl.flower.client_app`) routes here when the run's scenario is
   mini-batch mixed with samples of the client's memory (and of the server's replay slice, when one was sent);
 - `distill_task` (message `train.distill`, at the end of a task): distil the task's data into the memory
   (`fedcl.memory.DistilledMemory`, `ipc` images per class: DM for fed-distill, random real images for
-  fedavg-replay) and, for fed-distill-server, upload the new synthetic set.
+  fedavg-replay) and, for fed-distill-server, upload the new synthetic set.  With a `label-temperature` the new
+  set's labels become soft: half its one-hot labels, half the global model's (sent with the request) softmax of
+  logits / T over the classes met so far, as DER++ replays the predictions recorded when a sample entered memory.
 The memory lives in the node's `Context.state` (so it survives across rounds and tasks in a simulation) and, when
 the node config names a `memory-dir`, also on disk under `memory-dir/run-<run id>/` (atomic writes), from where a
 restarted SuperNode resumes it.  The server's slice is kept the same way.
@@ -27,7 +29,7 @@ from fedcl.flower.settings import FedSettings
 from fedcl.memory import DistilledMemory
 from fedcl.runtime import resolve_device
 from fedcl.synthetic import SyntheticSet
-from fedcl.train import TrainConfig, train_model
+from fedcl.train import TrainConfig, common_labels, soft_predictions, train_model
 
 #: Context.state keys of the memory (its `dump` blobs) and of the server's replay slice (safetensors bytes).
 MEMORY_STATE = "fedcl-memory"
@@ -95,14 +97,29 @@ def replay_data(settings: FedSettings, msg: Message, context: Context,
     """(images, labels) to replay: the client's memory plus the server's slice; None for the naive strategy."""
     if settings.memory_distiller is None:
         return None
-    images, labels, _ = load_memory(settings, context).tensors()
+    images, labels = load_memory(settings, context).labelled()
     parts = [(images, labels)] if len(images) else []
     replay = _server_slice(settings, msg, context, dataset) if settings.server_memory else None
     if replay is not None:
         parts.append((replay.images, replay.hard_labels))
     if not parts:
         return None
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return torch.cat([p[0] for p in parts]), torch.cat(common_labels(*(p[1] for p in parts)))
+
+
+def soft_labels(settings: FedSettings, msg: Message, context: Context, synset: SyntheticSet,
+                task: int) -> torch.Tensor:
+    """Soft labels for a new memory set: the mean of its one-hot labels and the global model's softmax(logits / T)
+    over the classes this client has met up to `task` (the model's untrained heads of future classes get none).
+    Keeping half the mass on the true class keeps every image's class; the other half records how the model saw
+    the image when it entered the memory."""
+    dataset, _, _, pid = local_data(settings, context)
+    groups = task_order(settings.tasks, pid, settings.task_order, settings.seed)[:task + 1]
+    met = sorted(c for g in groups for c in class_groups(dataset.n_classes, settings.tasks, settings.seed)[g])
+    net = global_model(settings, dataset, msg.content.array_records["arrays"])
+    predicted = soft_predictions(net, synset.images, temperature=settings.label_temperature, classes=met,
+                                 device=resolve_device(settings.device))
+    return 0.5 * torch.nn.functional.one_hot(synset.hard_labels, dataset.n_classes).float() + 0.5 * predicted
 
 
 def train_task(msg: Message, context: Context) -> Message:
@@ -143,6 +160,8 @@ def distill_task(msg: Message, context: Context) -> Message:
                                      **options)
         synset = memory.add(group, images, labels, distiller, n_classes=dataset.n_classes,
                             source=Source.of(dataset))
+        if settings.label_temperature > 0:
+            synset = memory.relabel(group, soft_labels(settings, msg, context, synset, task))
         store_memory(memory, context)
     content = synset_to_record(synset, settings.upload_dtype) if settings.server_memory and synset else RecordDict()
     content["metrics"] = MetricRecord({"num-examples": int(labels.numel()), "memory-images": len(memory),

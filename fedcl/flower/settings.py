@@ -38,7 +38,10 @@ class FedSettings:
     scenario the memory budget: ipc images per class per client, and the size per class of the server's replay
     slice), distill_iterations, batch_real,
     guide_noise (relative perturbation of the global model's weights when clients distil against it),
-    upload_dtype (wire format of the synthetic images: float32, or float16 for half the uplink).
+    upload_dtype (wire format of the synthetic images: float32, or float16 for half the uplink),
+    label_temperature (continual memories: 0 keeps hard labels; T > 0 labels every new memory set with the mean of
+    its one-hot labels and the global model's softmax(logits / T) over the classes met so far, see
+    `fedcl.flower.continual_client.soft_labels`).
     Client training (fedavg, hybrid, continual): local_epochs, local_lr, local_batch_size, replay_batch_size
     (memory samples added to every mini-batch in the continual scenario).
     Server training on the pooled synthetic memory: server_epochs (fed-distill, every round), finetune_epochs
@@ -74,6 +77,7 @@ class FedSettings:
     batch_real: int = 64
     guide_noise: float = 0.05
     upload_dtype: str = "float32"
+    label_temperature: float = 0.0
     local_epochs: int = 1
     local_lr: float = 0.01
     local_batch_size: int = 64
@@ -100,6 +104,8 @@ class FedSettings:
             raise ValueError(f"task-order must be one of {list(TASK_ORDERS)}, got {self.task_order!r}")
         if self.upload_dtype not in ("float32", "float16"):
             raise ValueError(f"upload-dtype must be 'float32' or 'float16', got {self.upload_dtype!r}")
+        if self.label_temperature < 0:
+            raise ValueError(f"label-temperature must be >= 0 (0 = hard labels), got {self.label_temperature}")
         if self.memory not in ("all", "latest"):
             raise ValueError(f"memory must be 'all' or 'latest', got {self.memory!r}")
         if self.screen != "none":
