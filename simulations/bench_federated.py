@@ -3,8 +3,9 @@
 The issue's protocol (defaults): Fashion-MNIST, 10 clients, Dirichlet alpha 0.1 and 0.5, ConvNet-3 at width 32
 (CPU-sized; the papers' width is 128: pass --width 128 on a GPU), seeds 0 1 2.
 - fedavg:       20 rounds, 1 local epoch (SGD lr 0.01, momentum 0.9, batch 64).
-- one-shot:     FedDistill, 1 round: every client distils 10 images per class (DM, 200 iterations) and uploads
-                them once (float16 pixels); the server trains the model on the pool (300 epochs, DSA).
+- one-shot:     FedDistill, 1 round: every client distils 10 images per class (DM, 200 iterations) of every class
+                it holds at least 10 real images of (--min-class-images) and uploads them once (float16 pixels); the
+                server trains the model on the pool (300 epochs, DSA).
 - multi-round:  FedDistill, 5 rounds: from round 2 clients distil against the current global model; the server
                 keeps all sets and continues training (100 epochs per round).
 - hybrid:       FedAvg for 20 rounds + the sets uploaded once in round 1; the aggregate is fine-tuned on them for
@@ -34,9 +35,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from fedcl.files import atomic_write, write_csv, write_json
+from fedcl.flower.checkpoint import CheckpointError
 from fedcl.flower.results import plot_accuracy, summarise
 from fedcl.flower.server_app import resume_round
-from fedcl.flower.settings import FedSettings
+from fedcl.flower.settings import FedSettings, changed_settings
 from fedcl.flower.simulation import simulate
 
 VARIANTS = ("fedavg", "one-shot", "multi-round", "hybrid")
@@ -46,12 +48,13 @@ def variant_settings(variant: str, base: FedSettings, args: argparse.Namespace) 
     """The settings of one benchmark variant on top of the shared base."""
     if variant == "fedavg":
         return replace(base, strategy="fedavg", num_rounds=args.fedavg_rounds)
+    distilling = replace(base, min_class_images=args.min_class_images)
     if variant == "one-shot":
-        return replace(base, strategy="fed-distill", num_rounds=1, server_epochs=args.oneshot_server_epochs)
+        return replace(distilling, strategy="fed-distill", num_rounds=1, server_epochs=args.oneshot_server_epochs)
     if variant == "multi-round":
-        return replace(base, strategy="fed-distill", num_rounds=args.multi_rounds, memory="all",
+        return replace(distilling, strategy="fed-distill", num_rounds=args.multi_rounds, memory="all",
                        server_epochs=args.multi_server_epochs)
-    return replace(base, strategy="hybrid", num_rounds=args.fedavg_rounds, finetune_epochs=args.finetune_epochs)
+    return replace(distilling, strategy="hybrid", num_rounds=args.fedavg_rounds, finetune_epochs=args.finetune_epochs)
 
 
 def run_variant(settings: FedSettings, args: argparse.Namespace, alpha: float, seed: int,
@@ -63,10 +66,13 @@ def run_variant(settings: FedSettings, args: argparse.Namespace, alpha: float, s
     done = run_dir / "result.json"
     if done.exists():
         saved = json.loads(done.read_text())
-        if saved.get("settings") == config:
+        if not changed_settings(saved.get("settings", {}), config):
             return {**saved["result"], "reused": True}, read_rounds(run_dir / "rounds.csv")
-    if resume_round(replace(settings, resume=True)) > 0:
-        settings = replace(settings, resume=True)
+    try:
+        if resume_round(replace(settings, resume=True)) > 0:
+            settings = replace(settings, resume=True)
+    except CheckpointError as error:  # a checkpoint of other settings: this run starts over
+        print(f"alpha={alpha} seed={seed} {variant}: starting over ({error})", flush=True)
     start = time.perf_counter()
     rows = simulate(settings, args.clients, engine=args.engine)
     summary = summarise(rows, variant)
@@ -162,6 +168,9 @@ def main() -> None:
     parser.add_argument("--batch-real", type=int, default=64)
     parser.add_argument("--upload-dtype", default="float16", choices=("float32", "float16"),
                         help="wire format of the synthetic images (default float16: half the uplink)")
+    parser.add_argument("--min-class-images", type=int, default=10,
+                        help="FedDistill variants: clients distil only the classes they hold at least this many real "
+                             "images of (default 10 = ipc: fewer real images than synthetic ones compress nothing)")
     parser.add_argument("--fedavg-rounds", type=int, default=20)
     parser.add_argument("--multi-rounds", type=int, default=5)
     parser.add_argument("--oneshot-server-epochs", type=int, default=300)

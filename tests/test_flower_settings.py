@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedcl.flower.settings import FedSettings
+from fedcl.flower.settings import FedSettings, changed_settings
 
 APP_PYPROJECT = Path(__file__).resolve().parents[1] / "simulations" / "flower_app" / "pyproject.toml"
 
@@ -29,6 +29,16 @@ def test_bad_values_are_clear_errors():
         FedSettings.from_config({"num-rounds": "many"})
     with pytest.raises(ValueError, match="upload-dtype"):
         FedSettings(upload_dtype="int8")
+    with pytest.raises(ValueError, match="min-class-images"):
+        FedSettings(min_class_images=0)
+
+
+def test_a_setting_missing_from_an_older_record_counts_as_its_default():
+    current = FedSettings(ipc=5).to_config()
+    older = {k: v for k, v in current.items() if k != "min-class-images"}
+    assert changed_settings(older, current) == []
+    assert changed_settings(older, {**current, "min-class-images": 10}) == ["min-class-images"]
+    assert changed_settings(current, {**current, "ipc": 6, "out-dir": "y"}, ignore=frozenset({"out-dir"})) == ["ipc"]
 
 
 def test_the_flwr_app_config_names_only_known_settings():

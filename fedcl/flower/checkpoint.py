@@ -32,6 +32,7 @@ from safetensors.torch import save as st_save
 
 from fedcl.files import atomic_write, write_json
 from fedcl.flower.results import COLUMNS
+from fedcl.flower.settings import changed_settings
 from strategies import SyntheticMemory, TrafficLog
 
 #: Where under the run's out_dir the checkpoint lives, and its commit file.
@@ -140,8 +141,7 @@ def _is_row(row: Any, server_round: int) -> bool:
 
 def _check_settings(saved: dict[str, Any], current: dict[str, Any]) -> None:
     """Refuse to resume a run whose settings differ (except the RESUMABLE_CHANGES) from the checkpoint's."""
-    differ = sorted(k for k in set(saved) | set(current)
-                    if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+    differ = changed_settings(saved, current, ignore=RESUMABLE_CHANGES)
     if differ:
         changes = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differ)
         raise CheckpointError(f"cannot resume: the checkpoint was written with other settings ({changes}); use "

@@ -63,6 +63,8 @@ def register(subparsers: argparse._SubParsersAction) -> dict[str, Callable[[argp
     p.add_argument("--distill-iterations", type=int, default=100, help="client DM iterations (default 100)")
     p.add_argument("--upload-dtype", default="float32", choices=("float32", "float16"),
                    help="wire format of uploaded synthetic images (float16 halves the uplink; default float32)")
+    p.add_argument("--min-class-images", type=int, default=1,
+                   help="distil only the classes a client holds at least this many real images of (default 1: all)")
     p.add_argument("--label-temperature", type=float, default=0.0,
                    help="continual memories: soft labels from the global model at temperature T (default 0: hard)")
     p.add_argument("--local-epochs", type=int, default=1, help="FedAvg local epochs (default 1)")
@@ -172,7 +174,8 @@ def simulate_settings(args: argparse.Namespace) -> FedSettings:
         replay_batch_size=args.replay_batch_size, strategy=args.strategy, num_rounds=args.rounds,
         fraction_evaluate=args.fraction_evaluate,
         min_nodes=args.clients, ipc=args.ipc, distill_iterations=args.distill_iterations,
-        upload_dtype=args.upload_dtype, label_temperature=args.label_temperature, local_epochs=args.local_epochs,
+        upload_dtype=args.upload_dtype, min_class_images=args.min_class_images,
+        label_temperature=args.label_temperature, local_epochs=args.local_epochs,
         local_lr=args.local_lr, local_batch_size=args.local_batch_size, server_epochs=args.server_epochs,
         finetune_epochs=args.finetune_epochs, memory=args.memory, screen=args.screen,
         screen_threshold=args.screen_threshold, out_dir=args.out,

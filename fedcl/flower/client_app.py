@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 
+import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -37,6 +38,7 @@ def distill(msg: Message, context: Context) -> Message:
     if settings.scenario == "continual":
         return continual_client.distill_task(msg, context)
     dataset, images, labels, pid = local_data(settings, context)
+    images, labels = well_held_classes(images, labels, settings.min_class_images)
     options = dict(model=settings.model, model_cfg=settings.model_cfg, device=settings.device,
                    seed=settings.seed * 100_003 + pid * 1009 + server_round, iterations=settings.distill_iterations,
                    batch_real=settings.batch_real)
@@ -52,6 +54,17 @@ def distill(msg: Message, context: Context) -> Message:
     content["metrics"] = MetricRecord({"num-examples": int(labels.numel()), "synthetic-images": len(synset),
                                        "distill-seconds": time.perf_counter() - start})
     return Message(content=content, reply_to=msg)
+
+
+def well_held_classes(images: torch.Tensor, labels: torch.Tensor,
+                      min_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples of the classes held in at least `min_images` images (ValueError, reported to the server as this
+    client's failure, when no class is)."""
+    counts = torch.bincount(labels)
+    keep = counts[labels] >= min_images
+    if not bool(keep.any()):
+        raise ValueError(f"no class with at least {min_images} images here (min-class-images); nothing to distil")
+    return images[keep], labels[keep]
 
 
 @app.train()

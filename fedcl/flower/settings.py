@@ -36,7 +36,9 @@ class FedSettings:
     fraction_evaluate, min_nodes (clients a round waits for), round_timeout (seconds).
     Client distillation (fed-distill, hybrid; continual memories): ipc (images per class; in the continual
     scenario the memory budget: ipc images per class per client, and the size per class of the server's replay
-    slice), distill_iterations, batch_real,
+    slice), distill_iterations, batch_real, min_class_images (fed-distill, hybrid: a client distils only the
+    classes of which it holds at least this many real images; 1 = every class it has: a class held in a handful of
+    images gives no more than those images, and ipc synthetic images of it cost as much as any other class),
     guide_noise (relative perturbation of the global model's weights when clients distil against it),
     upload_dtype (wire format of the synthetic images: float32, or float16 for half the uplink),
     label_temperature (continual memories: 0 keeps hard labels; T > 0 labels every new memory set with the mean of
@@ -77,6 +79,7 @@ class FedSettings:
     batch_real: int = 64
     guide_noise: float = 0.05
     upload_dtype: str = "float32"
+    min_class_images: int = 1
     label_temperature: float = 0.0
     local_epochs: int = 1
     local_lr: float = 0.01
@@ -104,6 +107,8 @@ class FedSettings:
             raise ValueError(f"task-order must be one of {list(TASK_ORDERS)}, got {self.task_order!r}")
         if self.upload_dtype not in ("float32", "float16"):
             raise ValueError(f"upload-dtype must be 'float32' or 'float16', got {self.upload_dtype!r}")
+        if self.min_class_images < 1:
+            raise ValueError(f"min-class-images must be >= 1, got {self.min_class_images}")
         if self.label_temperature < 0:
             raise ValueError(f"label-temperature must be >= 0 (0 = hard labels), got {self.label_temperature}")
         if self.memory not in ("all", "latest"):
@@ -173,3 +178,15 @@ def _coerce(value: Any, kind: type, key: str) -> Any:
 
 
 _DEFAULTS = FedSettings()
+
+
+def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any],
+                     ignore: frozenset[str] = frozenset()) -> list[str]:
+    """The kebab-case keys (outside `ignore`) whose values differ between two `to_config()` dicts.
+
+    A key missing from `saved` is a setting added after it was written: it counts as its default value, so a
+    checkpoint or a benchmark result written before that setting existed still matches a run that leaves it at
+    its default."""
+    defaults = _DEFAULTS.to_config()
+    return sorted(k for k in set(saved) | set(current)
+                  if k not in ignore and saved.get(k, defaults.get(k)) != current.get(k, defaults.get(k)))
