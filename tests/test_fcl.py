@@ -14,7 +14,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedcl.continual_metrics import step_metrics
-from fedcl.data import load_dataset
 from fedcl.data.streams import class_groups, groups_seen, task_order
 from fedcl.distill import create_distiller
 from fedcl.flower import continual_client
@@ -33,18 +32,8 @@ TINY = dict(dataset="digits", scenario="continual", tasks=2, num_rounds=1, width
             batch_real=16, ipc=3, min_nodes=3, local_epochs=2)
 
 
-@pytest.fixture(autouse=True)
-def _server_identity(monkeypatch):
-    """What a ServerApp process has set before it creates messages (here the test creates them)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 7), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
+#: The tests create messages themselves, so they need what a ServerApp process would have set.
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 def test_memory_budget_is_never_exceeded_and_every_class_stays(digits):
