@@ -35,7 +35,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from fedcl.files import atomic_write, write_csv, write_json
-from fedcl.flower.checkpoint import CheckpointError
+from fedcl.flower.checkpoint import CHECKPOINT_DIR, CheckpointError
 from fedcl.flower.results import plot_accuracy, summarise
 from fedcl.flower.server_app import resume_round
 from fedcl.flower.settings import FedSettings, changed_settings
@@ -68,8 +68,8 @@ def run_variant(settings: FedSettings, args: argparse.Namespace, alpha: float, s
         saved = json.loads(done.read_text())
         if not changed_settings(saved.get("settings", {}), config):
             return {**saved["result"], "reused": True}, read_rounds(run_dir / "rounds.csv")
-    try:
-        if resume_round(replace(settings, resume=True)) > 0:
+    try:  # resume_round loads the data and builds the strategy: only worth it when a checkpoint was written
+        if (run_dir / CHECKPOINT_DIR).is_dir() and resume_round(replace(settings, resume=True)) > 0:
             settings = replace(settings, resume=True)
     except CheckpointError as error:  # a checkpoint of other settings: this run starts over
         print(f"alpha={alpha} seed={seed} {variant}: starting over ({error})", flush=True)

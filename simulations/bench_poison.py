@@ -44,7 +44,7 @@ from fedcl.files import atomic_write, write_json
 from fedcl.flower.records import arrays_to_model, model_to_arrays
 from fedcl.models import create_model
 from fedcl.runtime import generator, seeded, tune_cpu_allocator
-from fedcl.screen import create_screen
+from fedcl.screen import EmbeddingScreen, create_screen
 from fedcl.synthetic import SyntheticSet
 from fedcl.train import TrainConfig, evaluate_model
 from strategies import SyntheticMemory, TrafficLog, train_on_memory
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-real", type=int, default=64)
     p.add_argument("--server-epochs", type=int, default=100)
     p.add_argument("--models", type=int, default=3)
-    p.add_argument("--screen-threshold", type=float, default=2.5,
+    p.add_argument("--screen-threshold", type=float, default=EmbeddingScreen.threshold,
                    help="embedding screen: score above which a set is refused (default 2.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")

@@ -11,7 +11,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from fedcl.screen import create_screen
+from fedcl.screen import EmbeddingScreen, create_screen
 from fedcl.synthetic import MAX_BYTES
 from fedcl.train import TrainConfig
 from strategies.memory import SyntheticMemory, train_on_memory
@@ -71,8 +71,8 @@ class FedDistill(Metered, FedAvg):
     def __init__(self, *, image_shape: tuple[int, int, int], n_classes: int, model: str = "convnet",
                  model_cfg: dict | None = None, train_config: TrainConfig = TrainConfig(epochs=100),
                  memory: str = "all", max_images_per_client: int = 10_000, max_bytes_per_client: int = MAX_BYTES,
-                 screen: str = "none", screen_threshold: float = 2.5, guide_with_global: bool = True,
-                 device: str = "auto", seed: int = 0, **fedavg_options) -> None:
+                 screen: str = "none", screen_threshold: float = EmbeddingScreen.threshold,
+                 guide_with_global: bool = True, device: str = "auto", seed: int = 0, **fedavg_options) -> None:
         super().__init__(**fedavg_options)
         self.model, self.model_cfg, self.train_config = model, dict(model_cfg or {}), train_config
         self.guide_with_global, self.device, self.seed = guide_with_global, device, seed

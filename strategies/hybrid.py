@@ -10,7 +10,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedcl.screen import create_screen
+from fedcl.screen import EmbeddingScreen, create_screen
 from fedcl.synthetic import MAX_BYTES
 from fedcl.train import TrainConfig
 from strategies.fed_distill import DISTILL_MESSAGE
@@ -65,7 +65,8 @@ class FedAvgDistill(Metered, FedAvg):
                  model_cfg: dict | None = None, finetune_config: TrainConfig = TrainConfig(epochs=10),
                  distill_rounds: tuple[int, ...] = (1,), memory: str = "latest",
                  max_images_per_client: int = 10_000, max_bytes_per_client: int = MAX_BYTES, screen: str = "none",
-                 screen_threshold: float = 2.5, device: str = "auto", seed: int = 0, **fedavg_options) -> None:
+                 screen_threshold: float = EmbeddingScreen.threshold, device: str = "auto", seed: int = 0,
+                 **fedavg_options) -> None:
         super().__init__(**fedavg_options)
         self.model, self.model_cfg, self.finetune_config = model, dict(model_cfg or {}), finetune_config
         self.distill_rounds, self.device, self.seed = tuple(distill_rounds), device, seed

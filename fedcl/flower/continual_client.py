@@ -107,13 +107,12 @@ def replay_data(settings: FedSettings, msg: Message, context: Context,
     return torch.cat([p[0] for p in parts]), torch.cat(common_labels(*(p[1] for p in parts)))
 
 
-def soft_labels(settings: FedSettings, msg: Message, context: Context, synset: SyntheticSet,
+def soft_labels(settings: FedSettings, msg: Message, dataset: ImageDataset, pid: int, synset: SyntheticSet,
                 task: int) -> torch.Tensor:
     """Soft labels for a new memory set: the mean of its one-hot labels and the global model's softmax(logits / T)
     over the classes this client has met up to `task` (the model's untrained heads of future classes get none).
     Keeping half the mass on the true class keeps every image's class; the other half records how the model saw
     the image when it entered the memory."""
-    dataset, _, _, pid = local_data(settings, context)
     groups = task_order(settings.tasks, pid, settings.task_order, settings.seed)[:task + 1]
     met = sorted(c for g in groups for c in class_groups(dataset.n_classes, settings.tasks, settings.seed)[g])
     net = global_model(settings, dataset, msg.content.array_records["arrays"])
@@ -161,7 +160,7 @@ def distill_task(msg: Message, context: Context) -> Message:
         synset = memory.add(group, images, labels, distiller, n_classes=dataset.n_classes,
                             source=Source.of(dataset))
         if settings.label_temperature > 0:
-            synset = memory.relabel(group, soft_labels(settings, msg, context, synset, task))
+            synset = memory.relabel(group, soft_labels(settings, msg, dataset, pid, synset, task))
         store_memory(memory, context)
     content = synset_to_record(synset, settings.upload_dtype) if settings.server_memory and synset else RecordDict()
     content["metrics"] = MetricRecord({"num-examples": int(labels.numel()), "memory-images": len(memory),
