@@ -7,7 +7,9 @@ with random class-balanced selection, herding selection, fedcl's DistilledReplay
 SGD, epochs and batch composition (`--batch-size` current + `--batch-size-mem` memory samples per step).
 
 Writes OUT/results.csv (one row per run, written as runs finish), OUT/summary.csv, OUT/results.md (the table,
-mean +- std over seeds) and OUT/accuracy-mem<M>.png.  Full run (CPU, 2 cores):
+mean +- std over seeds) and OUT/accuracy-mem<M>.png.  The protocol takes hours on a CPU, so each finished run is
+also kept as OUT/runs/seed<S>-<strategy>-mem<M>.json and reused by a later invocation with the same benchmark and
+run settings: rerunning the same command continues where an interrupted one stopped.  Full run (CPU, 2 cores):
 
   python simulations/bench_cl.py --benchmark split-fmnist --seeds 3 --mem-sizes 100 10 --epochs 3 \
       --distill-iterations 1000 --out runs/bench_cl
@@ -18,14 +20,18 @@ Tiny check:  python simulations/bench_cl.py --benchmark split-digits --seeds 1 -
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
-from fedcl.avalanche.benchmarks import available_benchmarks, make_benchmark
+from fedcl.avalanche.benchmarks import CLBenchmark, available_benchmarks, make_benchmark
 from fedcl.avalanche.experiment import STRATEGIES, RunConfig, RunResult, run
 from fedcl.avalanche.report import markdown_table, plot_accuracy, summarise
-from fedcl.files import atomic_write, write_csv
+from fedcl.files import atomic_write, write_csv, write_json
 
 _MEMORYLESS = ("naive", "joint")
 
@@ -60,6 +66,23 @@ def plan(args: argparse.Namespace) -> list[tuple[int, str, int]]:
     return runs
 
 
+def run_or_reuse(benchmark_name: str, benchmark: Callable[[], CLBenchmark], config: RunConfig,
+                 out: Path) -> tuple[RunResult, bool]:
+    """Run one (seed, strategy, memory) or read it back from an earlier invocation with the same settings.
+
+    The saved settings are compared after a JSON round trip, so a run is reused only where nothing that shapes
+    it (benchmark, epochs, distiller options, batch sizes, width, device, ...) has changed."""
+    path = out / "runs" / f"seed{config.seed}-{config.strategy}-mem{config.mem_size}.json"
+    settings = json.loads(json.dumps({"benchmark": benchmark_name, **asdict(config)}))
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("settings") == settings:
+            return RunResult(**saved["result"]), True
+    result = run(benchmark(), config)
+    write_json(path, {"settings": settings, "result": asdict(result)})
+    return result, False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
@@ -67,22 +90,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.distiller == "dm" else {}
     results: list[RunResult] = []
     rows: list[dict] = []
-    benchmarks = {}
     start = time.perf_counter()
+
+    @functools.lru_cache(maxsize=1)  # one seed's benchmark at a time, built only when a run is not reused
+    def benchmark(seed: int) -> CLBenchmark:
+        return make_benchmark(args.benchmark, seed=seed, data_root=args.data_root)
+
     for seed, strategy, mem_size in plan(args):
-        if seed not in benchmarks:
-            benchmarks = {seed: make_benchmark(args.benchmark, seed=seed, data_root=args.data_root)}
         config = RunConfig(strategy=strategy, mem_size=mem_size, distiller=args.distiller,
                            distiller_options=distill_options, epochs=args.epochs, train_mb_size=args.batch_size,
                            batch_size_mem=args.batch_size_mem, lr=args.lr, model_cfg={"width": args.width},
                            seed=seed, device=args.device)
-        result = run(benchmarks[seed], config)
+        result, reused = run_or_reuse(args.benchmark, functools.partial(benchmark, seed), config, out)
         results.append(result)
         rows.append({"benchmark": args.benchmark, "epochs": args.epochs, "width": args.width, **result.row()})
         write_csv(rows, out / "results.csv")
         print(f"seed {seed} {strategy:9s} memory {mem_size:4d}: final accuracy {100 * result.final_accuracy:6.2f} %"
               f"  forgetting {100 * result.forgetting:6.2f}  ({result.train_seconds:.0f} s, "
-              f"{time.perf_counter() - start:.0f} s total)", flush=True)
+              f"{time.perf_counter() - start:.0f} s total){' (from an earlier invocation)' if reused else ''}",
+              flush=True)
     summary = summarise(results)
     write_csv(summary, out / "summary.csv")
     table = markdown_table(summary)

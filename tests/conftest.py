@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -30,3 +33,17 @@ def server_identity(monkeypatch) -> None:
 def digits() -> ImageDataset:
     """The embedded digits dataset, loaded once."""
     return load_dataset("digits")
+
+
+@pytest.fixture
+def bench_script() -> Callable[[str], ModuleType]:
+    """Load simulations/<name>.py as a fresh module (the scripts are not a package), so a test can call its `main`
+    and patch its functions without touching other tests."""
+    def load(name: str) -> ModuleType:
+        path = Path(__file__).resolve().parents[1] / "simulations" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

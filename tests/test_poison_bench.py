@@ -1,20 +1,10 @@
 """simulations/bench_poison.py end to end on digits, tiny: the screen refuses the attacker and reports every
 client's score, the server models are trained once per distinct pool, and --screen-threshold reaches the screen."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "simulations" / "bench_poison.py"
 TINY = ["--dataset", "digits", "--clients", "5", "--attackers", "1", "--distill-iterations", "2", "--server-epochs",
         "1", "--models", "1", "--width", "8", "--device", "cpu"]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_poison", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _counting(bench) -> list[tuple[int, ...]]:
@@ -29,8 +19,8 @@ def _counting(bench) -> list[tuple[int, ...]]:
     return pools
 
 
-def test_bench_screens_the_attacker_reports_scores_and_trains_each_pool_once(tmp_path):
-    bench = _bench()
+def test_bench_screens_the_attacker_reports_scores_and_trains_each_pool_once(tmp_path, bench_script):
+    bench = bench_script("bench_poison")
     pools = _counting(bench)
     assert bench.main([*TINY, "--out", str(tmp_path)]) == 0
     rows = {(r["attack"], r["screen"]): r for r in json.loads((tmp_path / "results.json").read_text())["results"]}
@@ -50,8 +40,8 @@ def test_bench_screens_the_attacker_reports_scores_and_trains_each_pool_once(tmp
     assert "| none | none | 5/5 |" in table and "| - | - |" in table
 
 
-def test_bench_threshold_option_reaches_the_screen(tmp_path):
-    bench = _bench()
+def test_bench_threshold_option_reaches_the_screen(tmp_path, bench_script):
+    bench = bench_script("bench_poison")
     assert bench.main([*TINY, "--screen-threshold", "1000", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())["results"]
     assert all(r["kept"] == 5 for r in results if r["attack"] != "absent")

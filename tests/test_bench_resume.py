@@ -1,0 +1,56 @@
+"""The long benchmarks complete over several invocations: a finished run is read back when its settings are
+unchanged, and run again when any setting that shapes it changed."""
+
+import pytest
+
+
+class Ran(Exception):
+    """Raised by a patched runner: the benchmark tried to run instead of reusing."""
+
+
+def _refuse(*args, **kwargs):
+    raise Ran
+
+
+CL_TINY = ["--benchmark", "split-digits", "--seeds", "1", "--strategies", "naive", "--epochs", "1", "--width", "8",
+           "--device", "cpu"]
+
+
+def test_bench_cl_reuses_a_finished_run_and_reruns_a_changed_one(tmp_path, bench_script, capsys):
+    out = ["--out", str(tmp_path)]
+    assert bench_script("bench_cl").main([*CL_TINY, *out]) == 0
+    first = (tmp_path / "results.csv").read_text()
+    assert (tmp_path / "runs" / "seed0-naive-mem0.json").exists()
+
+    again = bench_script("bench_cl")
+    again.run = _refuse
+    capsys.readouterr()
+    assert again.main([*CL_TINY, *out]) == 0
+    assert "(from an earlier invocation)" in capsys.readouterr().out
+    assert (tmp_path / "results.csv").read_text() == first
+
+    with pytest.raises(Ran):
+        again.main([*CL_TINY, "--lr", "0.02", *out])
+
+
+FED_TINY = ["--dataset", "digits", "--clients", "3", "--alphas", "0.5", "--seeds", "0", "--variants", "fedavg",
+            "--fedavg-rounds", "1", "--width", "8", "--device", "cpu"]
+
+
+def test_bench_federated_reuses_a_finished_run_and_reruns_a_changed_one(tmp_path, bench_script, capsys,
+                                                                       monkeypatch):
+    monkeypatch.setattr("sys.argv", ["bench_federated", *FED_TINY, "--out", str(tmp_path)])
+    bench_script("bench_federated").main()
+    result = tmp_path / "alpha0.5" / "seed0" / "fedavg" / "result.json"
+    assert result.exists()
+
+    again = bench_script("bench_federated")
+    again.simulate = _refuse
+    capsys.readouterr()
+    again.main()
+    printed = capsys.readouterr().out
+    assert "(from an earlier invocation)" in printed and "| 0.5 | fedavg | 1 |" in printed
+
+    monkeypatch.setattr("sys.argv", ["bench_federated", *FED_TINY, "--width", "16", "--out", str(tmp_path)])
+    with pytest.raises(Ran):
+        again.main()
