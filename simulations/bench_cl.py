@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=128, help="current samples per step")
     p.add_argument("--batch-size-mem", type=int, default=128, help="memory samples per step (replay strategies)")
     p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--finetune-epochs", type=int, default=0,
+                   help="every memory strategy: epochs on the memory alone after each experience (default 0: none)")
     p.add_argument("--width", type=int, default=32, help="ConvNet width (default 32)")
     p.add_argument("--device", default="auto")
     p.add_argument("--data-root", default=None)
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         config = RunConfig(strategy=strategy, mem_size=mem_size, distiller=args.distiller,
                            distiller_options=distill_options, epochs=args.epochs, train_mb_size=args.batch_size,
                            batch_size_mem=args.batch_size_mem, lr=args.lr, model_cfg={"width": args.width},
-                           seed=seed, device=args.device)
+                           seed=seed, device=args.device, finetune_epochs=args.finetune_epochs)
         result, reused = run_or_reuse(args.benchmark, functools.partial(benchmark, seed), config, out)
         results.append(result)
         rows.append({"benchmark": args.benchmark, "epochs": args.epochs, "width": args.width, **result.row()})
@@ -114,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(summary)
     header = (f"{args.benchmark}, 5 experiences, ConvNet width {args.width}, {args.epochs} epochs per experience, "
               f"SGD lr {args.lr} momentum 0.9, batch {args.batch_size} current + {args.batch_size_mem} memory, "
-              f"{args.distiller} {distill_options}, {args.seeds} seed(s); memory 0 = no memory\n\n")
+              f"{args.distiller} {distill_options}, memory fine-tuning {args.finetune_epochs} epochs per experience, "
+              f"{args.seeds} seed(s); memory 0 = no memory\n\n")
     atomic_write(out / "results.md", lambda f: f.write((header + table + "\n").encode()))
     for size in args.mem_sizes:
         chosen = [r for r in results if r.mem_size in (0, size)]

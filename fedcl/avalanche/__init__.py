@@ -16,6 +16,7 @@ _EXPORTS = {
     "make_benchmark": "fedcl.avalanche.benchmarks",
     "DistilledBuffer": "fedcl.avalanche.buffer",
     "DistilledReplayPlugin": "fedcl.avalanche.plugin",
+    "MemoryFinetunePlugin": "fedcl.avalanche.finetune",
     "SoftReplayLoss": "fedcl.avalanche.plugin",
 }
 

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from fedcl.distill.base import Distiller, Source, create_distiller
 from fedcl.memory import COMPRESSIONS, DistilledMemory, truncate
 
-__all__ = ["COMPRESSIONS", "DistilledBuffer", "experience_tensors", "memory_dataset", "truncate"]
+__all__ = ["COMPRESSIONS", "DistilledBuffer", "dataset_tensors", "experience_tensors", "memory_dataset", "truncate"]
 
 
 class DistilledBuffer(ExemplarsBuffer):
@@ -168,9 +168,17 @@ def experience_tensors(exp: Any, batch_size: int = 1024) -> tuple[torch.Tensor, 
     if len(task_labels) != 1:
         raise ValueError(f"experience {exp.current_experience} mixes task labels {task_labels}; DistilledBuffer "
                          "needs one task label per experience")
-    data = exp.dataset.eval()
+    images, labels = dataset_tensors(exp.dataset, batch_size)
+    return images, labels, int(task_labels[0])
+
+
+def dataset_tensors(data: AvalancheDataset, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (images, labels) of an Avalanche dataset, read without its training augmentation."""
+    if len(data) == 0:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    data = data.eval()
     images, labels = [], []
     for batch in DataLoader(data, batch_size=batch_size, collate_fn=getattr(data, "collate_fn", None)):
         images.append(batch[0].float())
         labels.append(torch.as_tensor(batch[1]).long())
-    return torch.cat(images), torch.cat(labels), int(task_labels[0])
+    return torch.cat(images), torch.cat(labels)

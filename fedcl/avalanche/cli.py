@@ -39,6 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> dict[str, Callable[[argp
     p.add_argument("--batch-size-mem", type=int, default=None,
                    help="memory samples added to each mini-batch by replay strategies (default: --batch-size)")
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (momentum 0.9; default 0.01)")
+    p.add_argument("--finetune-epochs", type=int, default=0,
+                   help="memory strategies: epochs on the memory alone after each experience (default 0: none)")
     p.add_argument("--width", type=int, default=32, help="ConvNet width (default 32, CPU-friendly)")
     p.add_argument("--seed", type=int, default=0, help="seed for class order, initialisation, sampling (default 0)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:i]")
@@ -66,7 +68,7 @@ def cmd_cl(args: argparse.Namespace) -> int:
                            distiller_options=options, epochs=args.epochs, train_mb_size=args.batch_size,
                            batch_size_mem=args.batch_size_mem or args.batch_size, lr=args.lr,
                            model_cfg={"width": args.width}, seed=args.seed, device=args.device,
-                           tensorboard=args.tensorboard)
+                           tensorboard=args.tensorboard, finetune_epochs=args.finetune_epochs)
         print(f"{args.benchmark}: training {name} ...", flush=True)
         result = run(benchmark, config)
         results.append(result)

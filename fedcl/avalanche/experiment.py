@@ -27,6 +27,7 @@ from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
 from avalanche.training.storage_policy import ClassBalancedBuffer, HerdingSelectionStrategy, ParametricBuffer
 
 from fedcl.avalanche.benchmarks import CLBenchmark
+from fedcl.avalanche.finetune import MemoryFinetunePlugin
 from fedcl.avalanche.plugin import DistilledReplayPlugin
 from fedcl.models import create_model
 from fedcl.runtime import resolve_device, seeded
@@ -54,6 +55,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     tensorboard: str | None = None
+    finetune_epochs: int = 0  # memory strategies: epochs on the memory alone after each experience (0 = none)
 
 
 @dataclass
@@ -132,20 +134,31 @@ def _loggers(config: RunConfig) -> list[Any]:
 
 
 def _plugins(config: RunConfig, benchmark: CLBenchmark, model: torch.nn.Module) -> list[Any]:
+    """The strategy's replay plugin (none for naive and joint), followed by the memory fine-tuning phase when
+    `finetune_epochs` is set; the same phase for every memory, so that they stay comparable."""
+    replay = _replay_plugin(config, benchmark, model)
+    if replay is None:
+        return []
+    if config.finetune_epochs:
+        return [replay, MemoryFinetunePlugin(replay, epochs=config.finetune_epochs, lr=config.lr, seed=config.seed)]
+    return [replay]
+
+
+def _replay_plugin(config: RunConfig, benchmark: CLBenchmark, model: torch.nn.Module) -> Any:
     common = {"batch_size": config.train_mb_size, "batch_size_mem": config.batch_size_mem}
     if config.strategy == "replay":
         policy = ClassBalancedBuffer(config.mem_size, adaptive_size=True)
-        return [ReplayPlugin(config.mem_size, storage_policy=policy, **common)]
+        return ReplayPlugin(config.mem_size, storage_policy=policy, **common)
     if config.strategy == "herding":
         policy = ParametricBuffer(config.mem_size, groupby="class",
                                   selection_strategy=FlatHerdingSelection(model, "features"))
-        return [ReplayPlugin(config.mem_size, storage_policy=policy, **common)]
+        return ReplayPlugin(config.mem_size, storage_policy=policy, **common)
     if config.strategy == "distilled":
         options = {"model_cfg": dict(config.model_cfg), **config.distiller_options}
-        return [DistilledReplayPlugin(config.mem_size, config.distiller, distiller_options=options,
-                                      source=benchmark.source, n_classes=benchmark.n_classes, seed=config.seed,
-                                      **common)]
-    return []
+        return DistilledReplayPlugin(config.mem_size, config.distiller, distiller_options=options,
+                                     source=benchmark.source, n_classes=benchmark.n_classes, seed=config.seed,
+                                     **common)
+    return None
 
 
 def _strategy(config: RunConfig, model: torch.nn.Module, plugins: list[Any], evaluator: Any,
