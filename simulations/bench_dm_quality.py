@@ -94,5 +94,6 @@ def source_share(data: ImageDataset, per_class: int, seed: int) -> tuple[torch.T
     index, _ = ClassIndex(data.train_labels, data.n_classes).sample(per_class, torch.Generator().manual_seed(seed))
     return data.train_images[index], data.train_labels[index]
 
+
 if __name__ == "__main__":
     main()
