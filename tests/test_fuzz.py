@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fedcl.data.datasets import read_idx
@@ -25,7 +25,10 @@ from fedcl.flower.settings import FedSettings
 from fedcl.synthetic import SyntheticMeta, SyntheticSet, SyntheticSetError
 from strategies import SyntheticMemory, TrafficLog
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+#: Derandomized: every run tries the same 150 inputs per test, so a CI run is reproducible; a failure found while
+#: exploring (e.g. `pytest --hypothesis-seed=N` with `derandomize` off) is pinned with `@example`.
+FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 #: Any JSON value (nested a little), the raw material of metadata, state files and configs.
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8),
@@ -310,6 +313,7 @@ def test_random_traffic_logs_are_a_value_error(data):
 @FUZZ
 @given(config=st.dictionaries(st.sampled_from(["num-rounds", "screen", "alpha", "resume", "ipc", "memory",
                                                "strategy", "seed", "other"]), JSON, max_size=5))
+@example(config={"num-rounds": float("inf")})  # once an OverflowError, found by this test
 def test_random_run_configs_are_a_value_error(config):
     try:
         FedSettings.from_config(config)

@@ -173,7 +173,7 @@ def _coerce(value: Any, kind: type, key: str) -> Any:
         if kind is bool:
             return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
         return kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an infinite float for an int
         raise ValueError(f"config key {key!r} must be of type {kind.__name__}, got {value!r}") from None
 
 
