@@ -12,7 +12,9 @@ Flower's simulation engine (the same apps as `fedcl simulate --scenario continua
 
 Prints a markdown table (final average accuracy, forgetting and backward transfer, mean +- std over seeds; bytes up
 and down per run) and the distilled - random gap; writes OUT/tasks.csv, OUT/accuracy.png, OUT/summary.md|json
-and one folder per run.
+and one folder per run.  A run that finished in an earlier invocation with the same settings is reused, so the
+protocol (hours on a CPU) can be completed over several invocations, or split across processes by seed or strategy
+with the same --out.
 
     python simulations/bench_fcl.py --out runs/bench_fcl                                   # the full protocol
     python simulations/bench_fcl.py --seeds 0 --rounds 1 --out runs/bench_fcl_small       # a CPU-sized run

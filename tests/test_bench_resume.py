@@ -54,3 +54,25 @@ def test_bench_federated_reuses_a_finished_run_and_reruns_a_changed_one(tmp_path
     monkeypatch.setattr("sys.argv", ["bench_federated", *FED_TINY, "--width", "16", "--out", str(tmp_path)])
     with pytest.raises(Ran):
         again.main()
+
+
+FCL_TINY = ["--dataset", "digits", "--clients", "2", "--tasks", "2", "--seeds", "0", "--strategies", "fedavg",
+            "--rounds", "1", "--local-epochs", "1", "--width", "8", "--device", "cpu"]
+
+
+def test_bench_fcl_reuses_a_finished_run_and_reruns_a_changed_one(tmp_path, bench_script, capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["bench_fcl", *FCL_TINY, "--out", str(tmp_path)])
+    bench_script("bench_fcl").main()
+    assert (tmp_path / "fedavg-seed0" / "finished.json").exists()
+    first = (tmp_path / "tasks.csv").read_text()
+
+    monkeypatch.setattr("fedcl.flower.comparison.simulate", _refuse)
+    capsys.readouterr()
+    bench_script("bench_fcl").main()
+    printed = capsys.readouterr()
+    assert "(from an earlier invocation)" in printed.out + printed.err and "| fedavg: " in printed.out
+    assert (tmp_path / "tasks.csv").read_text() == first
+
+    monkeypatch.setattr("sys.argv", ["bench_fcl", *FCL_TINY, "--width", "16", "--out", str(tmp_path)])
+    with pytest.raises(Ran):
+        bench_script("bench_fcl").main()

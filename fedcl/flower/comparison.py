@@ -3,11 +3,14 @@
 Shared by `fedcl demo` (digits, one seed) and `simulations/bench_fcl.py` (Fashion-MNIST, several seeds).  Writes
 OUT/<strategy>-seed<s>/ (each run's own tasks.csv, rounds.csv, tasks.png), OUT/tasks.csv (every run's task rows
 with strategy and seed columns), OUT/accuracy.png (average accuracy after each task, mean over seeds),
-OUT/summary.md and OUT/summary.json (the comparison table).
+OUT/summary.md and OUT/summary.json (the comparison table).  A finished run also writes OUT/<strategy>-seed<s>/
+finished.json (its settings); a later invocation with the same settings reuses that run instead of repeating it, so
+a protocol of many hour-long runs can be completed over several invocations, or split across processes by seed.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 from collections.abc import Iterator
@@ -21,7 +24,7 @@ from tqdm.auto import tqdm
 
 from fedcl.files import atomic_write, write_csv, write_json
 from fedcl.flower.results import plot_tasks, read_csv, task_summary, task_table
-from fedcl.flower.settings import FedSettings
+from fedcl.flower.settings import FedSettings, changed_settings
 from fedcl.flower.simulation import simulate, write_partitions
 
 #: The strategies of the comparison, in table order, with their descriptions.
@@ -29,6 +32,9 @@ LABELS = {"fedavg": "naive federated fine-tuning (no memory)",
           "fedavg-replay": "random real-image replay",
           "fed-distill": "distilled replay (DM)",
           "fed-distill-server": "distilled replay + server memory"}
+
+#: The file a finished run leaves in its folder: its settings, so that a later invocation can reuse the run.
+FINISHED = "finished.json"
 
 
 def run_comparison(base: FedSettings, n_clients: int, strategies: list[str], seeds: list[int],
@@ -47,13 +53,18 @@ def run_comparison(base: FedSettings, n_clients: int, strategies: list[str], see
                 bar.set_postfix_str(f"{strategy}, seed {seed}")
                 settings = replace(base, scenario="continual", strategy=strategy, seed=seed, min_nodes=n_clients,
                                    out_dir=str(out / f"{strategy}-seed{seed}"))
-                write_partitions(settings, n_clients)
-                simulate(settings, n_clients, engine=engine, verbose=verbose)
+                reused = _finished(settings, n_clients)
+                if not reused:
+                    write_partitions(settings, n_clients)
+                    simulate(settings, n_clients, engine=engine, verbose=verbose)
+                    write_json(Path(settings.out_dir) / FINISHED, {"settings": settings.to_config(),
+                                                                   "clients": n_clients})
                 rows = read_csv(Path(settings.out_dir) / "tasks.csv")
                 runs[strategy].append(rows)
                 combined += [{"strategy": strategy, "seed": seed, **r} for r in rows]
                 final = 100 * float(rows[-1]["avg_accuracy"])
-                bar.write(f"{strategy} seed {seed}: final average accuracy {final:.2f} %")
+                bar.write(f"{strategy} seed {seed}: final average accuracy {final:.2f} %"
+                          f"{' (from an earlier invocation)' if reused else ''}")
                 bar.update()
     write_csv(combined, out / "tasks.csv", ("strategy", "seed"))
     plot_tasks({LABELS.get(s, s): r for s, r in runs.items()}, out / "accuracy.png",
@@ -63,6 +74,16 @@ def run_comparison(base: FedSettings, n_clients: int, strategies: list[str], see
                                       "table": table})
     atomic_write(out / "summary.md", lambda f: f.write(task_table(table).encode() + b"\n"))
     return table
+
+
+def _finished(settings: FedSettings, n_clients: int) -> bool:
+    """Whether the run of `settings` already finished in an earlier invocation: its finished.json names the same
+    settings and number of clients (a run of other settings in that folder is repeated, and overwritten)."""
+    marker = Path(settings.out_dir) / FINISHED
+    if not marker.exists():
+        return False
+    saved = json.loads(marker.read_text())
+    return saved.get("clients") == n_clients and not changed_settings(saved.get("settings", {}), settings.to_config())
 
 
 @contextmanager
