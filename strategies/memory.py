@@ -10,12 +10,19 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, Message
 
-from fedcl.flower.records import arrays_to_model, model_to_arrays, synset_from_record
+from fedcl.flower.records import SYNTHETIC_KEY, arrays_to_model, model_to_arrays, synset_from_record
 from fedcl.models import create_model
 from fedcl.screen import EmbeddingScreen
 from fedcl.synthetic import SyntheticSet, SyntheticSetError
 from fedcl.train import TrainConfig, train_model
 from strategies.traffic import TrafficLog
+
+
+def declares_nothing(reply: Message) -> bool:
+    """True when a reply carries no synthetic set and its metrics say it distilled none (no local data)."""
+    metrics = reply.content.metric_records.get("metrics")
+    return (SYNTHETIC_KEY not in reply.content.array_records and metrics is not None
+            and int(metrics.get("synthetic-images", -1)) == 0)
 
 
 class SyntheticMemory:
@@ -54,11 +61,12 @@ class SyntheticMemory:
 
     def _decode(self, server_round: int, replies: Iterable[Message],
                 traffic: TrafficLog) -> list[tuple[int, SyntheticSet]]:
-        """(node, set) of every reply that carries a valid set; the others are failures with the reason."""
+        """(node, set) of every reply that carries a valid set; the others are failures with the reason, except
+        a reply that declares no synthetic images and carries none (a client with no data for the task)."""
         arrived = []
         for reply in replies:
-            if reply.has_error():
-                continue  # already counted by the metered grid
+            if reply.has_error() or declares_nothing(reply):
+                continue  # an error is already counted by the metered grid
             node = int(reply.metadata.src_node_id)
             try:
                 arrived.append((node, synset_from_record(reply.content, image_shape=self.image_shape,

@@ -1,6 +1,8 @@
 """The long benchmarks complete over several invocations: a finished run is read back when its settings are
 unchanged, and run again when any setting that shapes it changed."""
 
+import shutil
+
 import pytest
 
 
@@ -72,6 +74,15 @@ def test_bench_fcl_reuses_a_finished_run_and_reruns_a_changed_one(tmp_path, benc
     printed = capsys.readouterr()
     assert "(from an earlier invocation)" in printed.out + printed.err and "| fedavg: " in printed.out
     assert (tmp_path / "tasks.csv").read_text() == first
+
+    # a finished run copied into another OUT counts there, and DM's options do not touch a run without a distilled
+    # memory, so the naive run is still reused
+    shutil.copytree(tmp_path / "fedavg-seed0", tmp_path / "other" / "fedavg-seed0")
+    monkeypatch.setattr("sys.argv", ["bench_fcl", *FCL_TINY, "--distill-iterations", "7",
+                                     "--out", str(tmp_path / "other")])
+    bench_script("bench_fcl").main()
+    printed = capsys.readouterr()
+    assert "(from an earlier invocation)" in printed.out + printed.err
 
     monkeypatch.setattr("sys.argv", ["bench_fcl", *FCL_TINY, "--width", "16", "--out", str(tmp_path)])
     with pytest.raises(Ran):

@@ -8,23 +8,24 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedcl.continual_metrics import step_metrics
 from fedcl.data.streams import class_groups, groups_seen, task_order
 from fedcl.distill import create_distiller
 from fedcl.flower import continual_client
-from fedcl.flower.records import SYNTHETIC_KEY, model_to_arrays, synset_from_record
+from fedcl.flower.records import SYNTHETIC_KEY, model_to_arrays, synset_from_record, synset_to_record
 from fedcl.flower.settings import FedSettings
 from fedcl.flower.simulation import QUIET_ENV
 from fedcl.memory import DistilledMemory
 from fedcl.models import create_model
 from fedcl.synthetic import SyntheticMeta, SyntheticSet, SyntheticSetError
 from fedcl.train import TrainConfig, evaluate_model, train_model
-from strategies import ContinualFedAvg, TaskSchedule
+from strategies import ContinualFedAvg, SyntheticMemory, TaskSchedule, TrafficLog
 
 ROOT = Path(__file__).resolve().parents[1]
 #: CPU-sized continual settings on digits: 3 clients, 2 tasks of 5 classes, 1 round per task, width 16.
@@ -170,10 +171,30 @@ def test_server_sends_each_client_a_slice_of_the_classes_it_never_had():
         assert "config" in content and SYNTHETIC_KEY in content.array_records
 
 
+def test_a_client_without_data_for_the_task_is_not_a_failure_but_a_missing_set_is():
+    """A reply that declares no synthetic images and carries none is an empty upload (Dirichlet can leave a client
+    without examples of a task's classes); a reply that claims images but carries no set is a failure."""
+    memory = SyntheticMemory(image_shape=(1, 8, 8), n_classes=10, max_images=100, max_bytes=2**20)
+    labels = torch.tensor([0, 1]).repeat_interleave(3)
+    valid = synset_to_record(SyntheticSet(torch.randn(6, 1, 8, 8), labels, SyntheticMeta("dm", 10, 3)))
+    replies = [(21, RecordDict({**valid, "metrics": MetricRecord({"synthetic-images": 6})})),
+               (22, RecordDict({"metrics": MetricRecord({"synthetic-images": 0, "num-examples": 0})})),
+               (23, RecordDict({"metrics": MetricRecord({"synthetic-images": 6})}))]
+    traffic = TrafficLog()
+    accepted = memory.accept(4, [SimpleNamespace(content=c, metadata=SimpleNamespace(src_node_id=n),
+                                                 has_error=lambda: False) for n, c in replies], traffic)
+    assert accepted == 1 and sorted(memory.sets) == [21]
+    assert [node for node, _ in traffic[4].failures] == [23] and "no synthetic set" in traffic[4].failures[0][1]
+
+
 def test_continual_strategies_and_settings_are_checked():
     assert FedSettings(scenario="continual", strategy="fedavg-replay").memory_distiller == "random"
     assert FedSettings(scenario="continual", strategy="fed-distill").server_memory is False
     assert FedSettings(scenario="continual", strategy="fedavg").memory_distiller is None
+    assert FedSettings(scenario="continual", strategy="fedavg-replay").unread_keys == {"distill-iterations",
+                                                                                      "batch-real"}
+    assert FedSettings(scenario="continual", strategy="fed-distill").unread_keys == frozenset()
+    assert FedSettings(strategy="fedavg").unread_keys == frozenset()  # the standard scenario: nothing assumed
     with pytest.raises(ValueError, match="continual scenario"):
         FedSettings(scenario="continual", strategy="hybrid")
     with pytest.raises(ValueError, match="for the standard scenario"):

@@ -78,12 +78,15 @@ def run_comparison(base: FedSettings, n_clients: int, strategies: list[str], see
 
 def _finished(settings: FedSettings, n_clients: int) -> bool:
     """Whether the run of `settings` already finished in an earlier invocation: its finished.json names the same
-    settings and number of clients (a run of other settings in that folder is repeated, and overwritten)."""
+    settings (apart from its own folder, and those the strategy never reads) and number of clients, so a finished
+    run copied into another OUT counts there too (a run of other settings in that folder is repeated, and
+    overwritten)."""
     marker = Path(settings.out_dir) / FINISHED
     if not marker.exists():
         return False
     saved = json.loads(marker.read_text())
-    return saved.get("clients") == n_clients and not changed_settings(saved.get("settings", {}), settings.to_config())
+    return saved.get("clients") == n_clients and not changed_settings(saved.get("settings", {}), settings.to_config(),
+                                                                      ignore=settings.unread_keys | {"out-dir"})
 
 
 @contextmanager

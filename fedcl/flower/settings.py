@@ -140,6 +140,13 @@ class FedSettings:
             if self.scenario == "continual" else None
 
     @property
+    def unread_keys(self) -> frozenset[str]:
+        """Continual scenario: kebab-case keys this strategy never reads (DM's options when the memory is not
+        distilled), so that a benchmark can reuse, say, a random-replay run across DM settings."""
+        dm_options = frozenset({"distill-iterations", "batch-real"})
+        return dm_options if self.scenario == "continual" and self.memory_distiller != "dm" else frozenset()
+
+    @property
     def server_memory(self) -> bool:
         """Continual scenario: clients upload their new synthetic sets to the server's global memory."""
         return self.scenario == "continual" and self.strategy == "fed-distill-server"
