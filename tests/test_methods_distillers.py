@@ -119,6 +119,15 @@ def test_mtt_stops_with_a_clear_error_when_it_diverges(digits):
         _distill("mtt", digits, **options)
 
 
+def test_mtt_holds_its_learned_step_size_above_the_floor(digits):
+    """A step-size learning rate large enough to push the student's step size below zero in one update."""
+    options = {"iterations": 4, "syn_steps": 2, "n_experts": 1, "expert_train_epochs": 2, "max_start_epoch": 1,
+               "expert_epochs": 1, "dsa": False, "lr_img": 1.0, "lr_lr": 1.0, "lr_teacher": 0.01}
+    distiller, synset = _distill("mtt", digits, **options)
+    assert synset.meta.extra["syn_lr"] >= distiller.MIN_LR_FRACTION * 0.01 * (1 - 1e-6)  # float32 step size
+    assert torch.isfinite(synset.images).all()
+
+
 def test_expert_buffer_round_trips_through_disk(tmp_path):
     trajectories = [torch.randn(4, 37), torch.randn(4, 37)]
     meta = {"model": "convnet", "model_cfg": {"width": 8}, "in_shape": [1, 8, 8], "n_classes": 10, "lr": 0.01}

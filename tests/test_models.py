@@ -51,8 +51,8 @@ def test_fused_first_layer_equals_conv_then_group_norm(channels, padding, size):
     probe = torch.randn_like(ref)
     g_ours = torch.autograd.grad((ours * probe).sum(), [x, conv.weight, norm.weight, norm.bias])
     g_ref = torch.autograd.grad((ref * probe).sum(), [x, conv.weight, ref_norm.weight, ref_norm.bias])
-    for a, b in zip(g_ours, g_ref):
-        assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)
+    for a, b in zip(g_ours, g_ref):  # weight gradients sum thousands of products: compare whole tensors
+        assert (a - b).norm() <= 1e-5 * b.norm()
 
 
 def test_create_model_errors_name_the_choices():
