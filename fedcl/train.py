@@ -25,7 +25,11 @@ from fedcl.synthetic import SyntheticSet
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters of `train_model`; the defaults are the distillation papers' evaluation protocol."""
+    """Hyper-parameters of `train_model`; the defaults are the distillation papers' evaluation protocol.
+
+    dsa augments every mini-batch; replay_dsa (when dsa is off) augments only the replay memory's samples in it,
+    as the distillation papers train on a synthetic set: a few images seen every step are otherwise memorised.
+    """
 
     epochs: int = 300
     lr: float = 0.01
@@ -35,6 +39,7 @@ class TrainConfig:
     decay_at: float = 0.5
     dsa: bool = True
     dsa_strategy: str = DEFAULT_STRATEGY
+    replay_dsa: bool = False
 
 
 def train_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig = TrainConfig(),
@@ -63,6 +68,7 @@ def train_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, co
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[milestone], gamma=0.1)
     gen = make_generator(seed)
     augment = DSA(config.dsa_strategy) if config.dsa else None
+    augment_replay = DSA(config.dsa_strategy) if config.replay_dsa and not config.dsa else None
     n = images.shape[0]
     history: list[float] = []
     for _ in tqdm(range(config.epochs), desc="train", disable=not progress, leave=False):
@@ -73,7 +79,10 @@ def train_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, co
             x, y = images[batch], labels[batch]
             if replay is not None:
                 drawn = torch.randint(len(replay[0]), (replay_batch_size or config.batch_size,), generator=gen)
-                x, y = torch.cat([x, replay[0][drawn.to(device)]]), torch.cat([y, replay[1][drawn.to(device)]])
+                x_mem = replay[0][drawn.to(device)]
+                if augment_replay is not None:
+                    x_mem = augment_replay(x_mem, gen)
+                x, y = torch.cat([x, x_mem]), torch.cat([y, replay[1][drawn.to(device)]])
             if augment is not None:
                 x = augment(x, gen)
             loss = F.cross_entropy(model(x), y)  # class ids, or soft-label distributions (rows sum to 1)

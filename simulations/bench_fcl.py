@@ -19,6 +19,8 @@ with the same --out.
     python simulations/bench_fcl.py --out runs/bench_fcl                                   # the full protocol
     python simulations/bench_fcl.py --seeds 0 --rounds 1 --out runs/bench_fcl_small       # a CPU-sized run
     python simulations/bench_fcl.py --label-temperature 2 --out runs/bench_fcl_soft       # soft-labelled memories
+    python simulations/bench_fcl.py --replay-dsa --out runs/bench_fcl_dsa                 # augmented replay
+    python simulations/bench_fcl.py --rehearsal-epochs 5 --out runs/bench_fcl_rehearse    # + a memory-only round
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ def main() -> None:
     parser.add_argument("--local-lr", type=float, default=0.05, help="local SGD learning rate (default 0.05)")
     parser.add_argument("--batch-size", type=int, default=64,
                         help="local mini-batch: new samples, plus as many memory samples (default 64)")
+    parser.add_argument("--replay-dsa", action="store_true",
+                        help="DSA-augment the memory samples of every mini-batch (every memory strategy alike)")
+    parser.add_argument("--rehearsal-epochs", type=int, default=0,
+                        help="at each task's end every client also trains the model this many epochs on its memory "
+                             "alone and the server averages them (every memory strategy alike; default 0: off)")
     parser.add_argument("--width", type=int, default=32, help="ConvNet-3 width (default 32, CPU-sized)")
     parser.add_argument("--distill-iterations", type=int, default=200, help="client DM iterations (default 200)")
     parser.add_argument("--batch-real", type=int, default=64)
@@ -64,7 +71,8 @@ def main() -> None:
     settings = FedSettings(dataset=args.dataset, data_root=args.data_root, scenario="continual", tasks=args.tasks,
                            alpha=args.alpha, ipc=args.ipc, num_rounds=args.rounds, local_epochs=args.local_epochs,
                            local_lr=args.local_lr, local_batch_size=args.batch_size,
-                           replay_batch_size=args.batch_size, width=args.width,
+                           replay_batch_size=args.batch_size, replay_dsa=args.replay_dsa,
+                           rehearsal_epochs=args.rehearsal_epochs, width=args.width,
                            distill_iterations=args.distill_iterations, batch_real=args.batch_real,
                            finetune_epochs=args.finetune_epochs, upload_dtype=args.upload_dtype,
                            label_temperature=args.label_temperature, device=args.device)
@@ -73,7 +81,8 @@ def main() -> None:
     print(f"{args.dataset}: {args.clients} clients, {args.tasks} tasks, Dirichlet {args.alpha}, memory {args.ipc} "
           f"images per class per client, seeds {args.seeds}, {args.rounds} rounds x {args.local_epochs} local "
           f"epochs per task, DM {args.distill_iterations} iterations, width {args.width}, label temperature "
-          f"{args.label_temperature}")
+          f"{args.label_temperature}, replay DSA {'on' if args.replay_dsa else 'off'}, rehearsal epochs "
+          f"{args.rehearsal_epochs}")
     print_comparison(table)
     print(f"total wall time {time.perf_counter() - start:.0f} s; wrote {args.out}/tasks.csv, accuracy.png, "
           "summary.md")

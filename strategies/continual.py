@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, sample_nodes
 
 from fedcl.data import ClassIndex
 from fedcl.flower.records import synset_to_record
@@ -70,7 +70,10 @@ class ContinualFedAvg(Metered, FedAvg):
     clients also upload the new synthetic sets in that round; the server keeps every valid set (a global distilled
     memory of all classes seen anywhere), fine-tunes the global model on it at the end of each task, and at the
     start of the next task sends each client a class-balanced slice of it for the classes that client never had
-    (at most `slice_ipc` images per class), which the client replays beside its own memory.
+    (at most `slice_ipc` images per class), which the client replays beside its own memory.  With `rehearse` the
+    distillation request carries the global model; the clients train it on their memories alone and the task's
+    model becomes the average of theirs (weighted by the images each rehearsed; then fine-tuned on the server
+    memory when there is one).
 
     Parameters
     ----------
@@ -87,6 +90,8 @@ class ContinualFedAvg(Metered, FedAvg):
     distill_with_model : bool (default: False)
         The distillation request also carries the global model (clients that label their memory with it need it;
         it counts in the downlink).
+    rehearse : bool (default: False)
+        Average the models the clients return from the distillation round (needs `schedule.distill_round`).
     slice_ipc : int (default: 10)
         Images per class in the replay slice sent to a client.
     max_images_per_client, max_bytes_per_client :
@@ -100,14 +105,16 @@ class ContinualFedAvg(Metered, FedAvg):
     def __init__(self, *, schedule: TaskSchedule, image_shape: tuple[int, int, int], n_classes: int,
                  server_memory: bool = False, model: str = "convnet", model_cfg: dict | None = None,
                  finetune_config: TrainConfig = TrainConfig(epochs=10, decay_at=1.0),
-                 distill_with_model: bool = False, slice_ipc: int = 10,
+                 distill_with_model: bool = False, rehearse: bool = False, slice_ipc: int = 10,
                  max_images_per_client: int = 10_000, max_bytes_per_client: int = MAX_BYTES, device: str = "auto",
                  seed: int = 0, **fedavg_options) -> None:
         super().__init__(**fedavg_options)
         if server_memory and not schedule.distill_round:
             raise ValueError("a server memory needs a distillation round at the end of every task")
+        if rehearse and not schedule.distill_round:
+            raise ValueError("rehearsal happens in the distillation round at the end of every task")
         self.schedule, self.server_memory, self.slice_ipc = schedule, server_memory, slice_ipc
-        self.distill_with_model = distill_with_model
+        self.distill_with_model, self.rehearse = distill_with_model or rehearse, rehearse
         self.model, self.model_cfg, self.finetune_config = model, dict(model_cfg or {}), finetune_config
         self.device, self.seed = device, seed
         self.memory = SyntheticMemory(image_shape=image_shape, n_classes=n_classes, policy="all",
@@ -116,7 +123,8 @@ class ContinualFedAvg(Metered, FedAvg):
 
     def summary(self) -> None:
         super().summary()
-        log(INFO, "\t└──> ContinualFedAvg: %s, server memory=%s", self.schedule, self.server_memory)
+        log(INFO, "\t└──> ContinualFedAvg: %s, server memory=%s, rehearse=%s", self.schedule, self.server_memory,
+            self.rehearse)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -154,15 +162,17 @@ class ContinualFedAvg(Metered, FedAvg):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """FedAvg in train rounds; in a distillation round, store the uploaded sets and fine-tune on them."""
+        """FedAvg in train rounds; in a distillation round, average the rehearsed models, store the uploaded sets
+        and fine-tune on them."""
         if self.schedule.phase(server_round) == "train":
             return super().aggregate_train(server_round, replies)
         replies = list(replies)
-        arrays = None
+        arrays = self._rehearsed(replies) if self.rehearse else None
         if self.server_memory:
             self.memory.accept(server_round, replies, self.traffic)
-            if len(self.memory) and self._arrays is not None:
-                arrays = train_on_memory(self._arrays, self.memory, model=self.model, model_cfg=self.model_cfg,
+            start = arrays if arrays is not None else self._arrays
+            if len(self.memory) and start is not None:
+                arrays = train_on_memory(start, self.memory, model=self.model, model_cfg=self.model_cfg,
                                          config=self.finetune_config, device=self.device,
                                          seed=self.seed + server_round)
         ok = [r for r in replies if not r.has_error()]
@@ -170,3 +180,22 @@ class ContinualFedAvg(Metered, FedAvg):
         metrics = MetricRecord({"clients-ok": len(ok), "server-memory-images": len(self.memory),
                                 "client-memory-images": client_memory, **self.failure_metrics(server_round)})
         return arrays, metrics
+
+    def _rehearsed(self, replies: list[Message]) -> ArrayRecord | None:
+        """The average of the models the clients rehearsed on their memories, weighted by the images each trained
+        on; replies without a model, or whose model does not match the one sent, are left out."""
+        records = []
+        for reply in replies:
+            if reply.has_error() or "arrays" not in reply.content.array_records or self._arrays is None:
+                continue
+            n = int(reply.content["metrics"].get("rehearsal-examples", 0)) if "metrics" in reply.content else 0
+            if n > 0 and _same_layout(reply.content.array_records["arrays"], self._arrays):
+                records.append(RecordDict({"arrays": reply.content.array_records["arrays"],
+                                           "metrics": MetricRecord({"rehearsal-examples": n})}))
+        return aggregate_arrayrecords(records, "rehearsal-examples") if records else None
+
+
+def _same_layout(arrays: ArrayRecord, reference: ArrayRecord) -> bool:
+    """Whether two ArrayRecords hold the same names with the same shapes and dtypes."""
+    return list(arrays) == list(reference) and all(
+        arrays[k].shape == reference[k].shape and arrays[k].dtype == reference[k].dtype for k in reference)

@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedcl.continual_metrics import step_metrics
 from fedcl.data.streams import class_groups, groups_seen, task_order
@@ -110,6 +111,52 @@ def test_replay_in_training_keeps_an_old_class(digits):
     assert scores[0] < 0.2 and scores[1] > 0.8  # fine-tuning forgets class 0; ten replayed images keep it
 
 
+class _Recorder(torch.nn.Module):
+    """A linear classifier that keeps every input batch it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.batches = torch.nn.Linear(64, 10), []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(x.detach().clone())
+        return self.linear(x.flatten(1))
+
+
+@pytest.mark.parametrize("replay_dsa", [False, True])
+def test_replay_dsa_augments_the_memory_samples_and_leaves_the_new_ones(replay_dsa):
+    gen = torch.Generator().manual_seed(0)
+    new, memory = torch.rand(32, 1, 8, 8, generator=gen), torch.rand(6, 1, 8, 8, generator=gen)
+    net = _Recorder()
+    config = TrainConfig(epochs=1, batch_size=16, dsa=False, replay_dsa=replay_dsa)
+    train_model(net, new, torch.zeros(32, dtype=torch.long), config, device="cpu",
+                replay=(memory, torch.ones(6, dtype=torch.long)), replay_batch_size=8)
+
+    def stored(rows: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+        return (rows.flatten(1)[:, None] == pool.flatten(1)[None]).all(-1).any(-1)
+
+    assert len(net.batches) == 2 and all(len(b) == 16 + 8 for b in net.batches)
+    assert all(stored(b[:16], new).all() for b in net.batches)  # the new task's samples as they are
+    replayed = torch.cat([b[16:] for b in net.batches])
+    if replay_dsa:
+        assert not stored(replayed, memory).any()  # every memory sample went through its own augmentation
+    else:
+        assert stored(replayed, memory).all()
+
+
+def test_the_replay_dsa_setting_reaches_the_clients_training(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(continual_client, "train_model", lambda *a, **k: seen.append(a[3]) or [0.0])
+    settings = FedSettings(**TINY, strategy="fedavg-replay", replay_dsa=True)
+    node = _node(tmp_path)
+    continual_client.distill_task(_instruction(settings, 0, "train.distill"), node)
+    with torch.random.fork_rng():
+        net = create_model("convnet", (1, 8, 8), 10, width=16)
+    continual_client.train_task(_instruction(settings, 1, "train", arrays=model_to_arrays(net)), node)
+    assert [c.replay_dsa for c in seen] == [True]
+    assert FedSettings.from_config({"replay-dsa": "true"}).replay_dsa and not FedSettings().replay_dsa
+
+
 def test_task_schedule():
     schedule = TaskSchedule(rounds_per_task=2, tasks=3, distill_round=True)
     assert schedule.num_rounds == 9
@@ -169,6 +216,76 @@ def test_server_sends_each_client_a_slice_of_the_classes_it_never_had():
         replay = synset_from_record(content, image_shape=(1, 8, 8), n_classes=10)
         assert replay.classes() == expected and len(replay) == 2 * len(expected)
         assert "config" in content and SYNTHETIC_KEY in content.array_records
+
+
+def test_a_rehearsing_client_trains_the_sent_model_on_its_memory_alone(monkeypatch, tmp_path):
+    trained = []
+
+    def recording(net, images, labels, config, **options):
+        trained.append((images, config))
+        return train_model(net, images, labels, config, **options)
+
+    monkeypatch.setattr(continual_client, "train_model", recording)
+    settings = FedSettings(**TINY, strategy="fedavg-replay", rehearsal_epochs=2, local_lr=0.05)
+    node = _node(tmp_path)
+    with torch.random.fork_rng():
+        sent = model_to_arrays(create_model("convnet", (1, 8, 8), 10, width=16))
+    reply = continual_client.distill_task(_instruction(settings, 0, "train.distill", arrays=sent), node)
+    memory = continual_client.load_memory(settings, node)
+    assert reply.content["metrics"]["rehearsal-examples"] == len(memory) > 0
+    assert len(trained) == 1 and trained[0][0].equal(memory.labelled()[0]) and trained[0][1].epochs == 2
+    returned = reply.content.array_records["arrays"]
+    assert list(returned) == list(sent)
+    assert any(not torch.equal(torch.from_numpy(returned[k].numpy()), torch.from_numpy(sent[k].numpy()))
+               for k in sent)
+
+    plain = FedSettings(**TINY, strategy="fedavg-replay")
+    reply = continual_client.distill_task(_instruction(plain, 0, "train.distill"), _node(tmp_path / "plain"))
+    assert "arrays" not in reply.content.array_records and "rehearsal-examples" not in reply.content["metrics"]
+    assert not FedSettings(**TINY, strategy="fedavg", rehearsal_epochs=2).rehearses  # no memory, no rehearsal
+    with pytest.raises(ValueError, match="rehearsal-epochs"):
+        FedSettings(**TINY, rehearsal_epochs=-1)
+
+
+def test_the_server_averages_the_rehearsed_models_by_the_images_each_trained_on():
+    strategy = ContinualFedAvg(schedule=TaskSchedule(1, 2, True), image_shape=(1, 8, 8), n_classes=10,
+                               rehearse=True, min_available_nodes=1, min_train_nodes=1)
+
+    def layer(value: float, shape=(2, 3)) -> ArrayRecord:
+        return ArrayRecord({"w": Array(np.full(shape, value, dtype=np.float32))})
+
+    grid = SimpleNamespace(get_node_ids=lambda: [5])
+    messages = list(strategy.configure_train(2, layer(0.0), ConfigRecord({"task": 0}), grid))
+    assert [m.metadata.message_type for m in messages] == ["train.distill"]
+    assert "arrays" in messages[0].content.array_records  # the model the clients rehearse
+
+    def reply(arrays: ArrayRecord | None, n: int) -> SimpleNamespace:
+        content = RecordDict({"metrics": MetricRecord({"rehearsal-examples": n})})
+        if arrays is not None:
+            content["arrays"] = arrays
+        return SimpleNamespace(content=content, has_error=lambda: False, metadata=SimpleNamespace(src_node_id=n))
+
+    replies = [reply(layer(1.0), 10), reply(layer(4.0), 30), reply(layer(9.0, (3, 2)), 100), reply(None, 0)]
+    strategy.traffic = TrafficLog()  # what `start` sets up
+    arrays, _ = strategy.aggregate_train(2, replies)
+    assert np.allclose(arrays["w"].numpy(), 0.25 * 1.0 + 0.75 * 4.0)  # the wrong-shaped model is left out
+
+
+def test_a_continual_simulation_with_rehearsal_sends_and_averages_the_model_at_each_task_end(tmp_path):
+    from fedcl.flower.simulation import simulate
+
+    rows = {}
+    for epochs in (0, 2):
+        settings = FedSettings(**TINY, strategy="fed-distill", local_lr=0.05, rehearsal_epochs=epochs,
+                               out_dir=str(tmp_path / str(epochs)))
+        rows[epochs] = simulate(settings, 3, engine="local")[1:]  # 2 tasks x (1 FedAvg + 1 distillation round)
+        assert len(rows[epochs]) == 4 and all(int(r["clients_failed"]) == 0 for r in rows[epochs])
+    model_bytes = int(rows[0][0]["downlink_bytes"])  # a FedAvg round sends the model to every client
+    for distill_round in (1, 3):
+        assert int(rows[2][distill_round]["downlink_bytes"]) - int(rows[0][distill_round]["downlink_bytes"]) \
+            >= 0.9 * model_bytes
+        assert int(rows[2][distill_round]["uplink_bytes"]) > int(rows[0][distill_round]["uplink_bytes"])
+    assert rows[2][3]["accuracy"] != rows[0][3]["accuracy"]  # the averaged rehearsed model became the task's model
 
 
 def test_a_client_without_data_for_the_task_is_not_a_failure_but_a_missing_set_is():

@@ -50,6 +50,11 @@ def register(subparsers: argparse._SubParsersAction) -> dict[str, Callable[[argp
                    help="continual: every client meets the tasks in the same order (shared, default) or in its own")
     p.add_argument("--replay-batch-size", type=int, default=64,
                    help="continual: memory samples added to every local mini-batch (default 64)")
+    p.add_argument("--replay-dsa", action="store_true",
+                   help="continual: DSA-augment the memory samples of every local mini-batch (default: off)")
+    p.add_argument("--rehearsal-epochs", type=int, default=0,
+                   help="continual memory strategies: at each task's end every client trains the global model "
+                        "this many epochs on its memory alone and the server averages them (default 0: off)")
     p.add_argument("--seed", type=int, default=0, help="seed of partitions, models and distillation (default 0)")
     p.add_argument("--out", default="runs/simulate", help="output directory (default runs/simulate)")
     p.add_argument("--partitioner", default="dirichlet", choices=("iid", "dirichlet", "classes"),
@@ -171,8 +176,9 @@ def simulate_settings(args: argparse.Namespace) -> FedSettings:
         dataset=args.dataset, data_root=args.data_root, partitioner=args.partitioner, alpha=args.alpha,
         classes_per_client=args.classes_per_client, seed=args.seed, model=args.model, width=args.width,
         scenario=args.scenario, tasks=args.tasks, task_order=args.task_order,
-        replay_batch_size=args.replay_batch_size, strategy=args.strategy, num_rounds=args.rounds,
-        fraction_evaluate=args.fraction_evaluate,
+        replay_batch_size=args.replay_batch_size, replay_dsa=args.replay_dsa,
+        rehearsal_epochs=args.rehearsal_epochs, strategy=args.strategy,
+        num_rounds=args.rounds, fraction_evaluate=args.fraction_evaluate,
         min_nodes=args.clients, ipc=args.ipc, distill_iterations=args.distill_iterations,
         upload_dtype=args.upload_dtype, min_class_images=args.min_class_images,
         label_temperature=args.label_temperature, local_epochs=args.local_epochs,

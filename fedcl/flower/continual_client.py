@@ -2,12 +2,15 @@
 
 The ClientApp (`fedcl.flower.client_app`) routes here when the run's scenario is "continual":
 - `train_task` (message `train`): load the global model and train it on the current task's local data, every
-  mini-batch mixed with samples of the client's memory (and of the server's replay slice, when one was sent);
+  mini-batch mixed with samples of the client's memory (and of the server's replay slice, when one was sent),
+  DSA-augmented when the run sets `replay-dsa`;
 - `distill_task` (message `train.distill`, at the end of a task): distil the task's data into the memory
   (`fedcl.memory.DistilledMemory`, `ipc` images per class: DM for fed-distill, random real images for
   fedavg-replay) and, for fed-distill-server, upload the new synthetic set.  With a `label-temperature` the new
   set's labels become soft: half its one-hot labels, half the global model's (sent with the request) softmax of
   logits / T over the classes met so far, as DER++ replays the predictions recorded when a sample entered memory.
+  With `rehearsal-epochs` the client then trains the global model (sent with the request) on its memory alone
+  and replies with the weights, which the server averages.
 The memory lives in the node's `Context.state` (so it survives across rounds and tasks in a simulation) and, when
 the node config names a `memory-dir`, also on disk under `memory-dir/run-<run id>/` (atomic writes), from where a
 restarted SuperNode resumes it.  The server's slice is kept the same way.
@@ -133,7 +136,7 @@ def train_task(msg: Message, context: Context) -> Message:
     if n_new == 0 and replay is not None:
         images, labels, replay = replay[0], replay[1], None  # nothing new here: rehearse the memory alone
     config = TrainConfig(epochs=settings.local_epochs, lr=settings.local_lr, batch_size=settings.local_batch_size,
-                         decay_at=1.0, dsa=False)
+                         decay_at=1.0, dsa=False, replay_dsa=settings.replay_dsa)
     losses = train_model(net, images, labels, config, device=resolve_device(settings.device),
                          seed=settings.seed * 100_003 + pid * 1009 + server_round, replay=replay,
                          replay_batch_size=settings.replay_batch_size) if len(labels) else [0.0]
@@ -163,6 +166,26 @@ def distill_task(msg: Message, context: Context) -> Message:
             synset = memory.relabel(group, soft_labels(settings, msg, dataset, pid, synset, task))
         store_memory(memory, context)
     content = synset_to_record(synset, settings.upload_dtype) if settings.server_memory and synset else RecordDict()
-    content["metrics"] = MetricRecord({"num-examples": int(labels.numel()), "memory-images": len(memory),
-                                       "synthetic-images": len(synset) if synset else 0, "task": task})
+    metrics = {"num-examples": int(labels.numel()), "memory-images": len(memory),
+               "synthetic-images": len(synset) if synset else 0, "task": task}
+    if settings.rehearses:
+        metrics["rehearsal-examples"] = rehearse(settings, msg, context, dataset, pid, content)
+    content["metrics"] = MetricRecord(metrics)
     return Message(content=content, reply_to=msg)
+
+
+def rehearse(settings: FedSettings, msg: Message, context: Context, dataset: ImageDataset, pid: int,
+             content: RecordDict) -> int:
+    """Train the request's global model `rehearsal-epochs` epochs on the memory alone (and the server's slice),
+    put its weights in `content` and return how many images it trained on (0, and no weights, when none)."""
+    replay = replay_data(settings, msg, context, dataset)
+    if replay is None:
+        return 0
+    net = global_model(settings, dataset, msg.content.array_records["arrays"])
+    server_round = int(msg.content.config_records["config"]["server-round"])
+    config = TrainConfig(epochs=settings.rehearsal_epochs, lr=settings.local_lr, batch_size=settings.local_batch_size,
+                         decay_at=1.0, dsa=settings.replay_dsa)
+    train_model(net, *replay, config, device=resolve_device(settings.device),
+                seed=settings.seed * 100_003 + pid * 1009 + server_round)
+    content["arrays"] = model_to_arrays(net)
+    return len(replay[1])

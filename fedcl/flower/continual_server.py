@@ -35,7 +35,7 @@ def build_continual_strategy(settings: FedSettings, dataset: ImageDataset) -> Co
                            batch_size=settings.server_batch_size, decay_at=1.0, dsa=True)
     return ContinualFedAvg(schedule=schedule, image_shape=dataset.image_shape, n_classes=dataset.n_classes,
                            server_memory=settings.server_memory, model=settings.model, model_cfg=settings.model_cfg,
-                           distill_with_model=settings.label_temperature > 0,
+                           distill_with_model=settings.label_temperature > 0, rehearse=settings.rehearses,
                            finetune_config=finetune, slice_ipc=settings.ipc,
                            max_images_per_client=settings.ipc * dataset.n_classes, device=settings.device,
                            seed=settings.seed, fraction_train=settings.fraction_train,

@@ -45,7 +45,11 @@ class FedSettings:
     its one-hot labels and the global model's softmax(logits / T) over the classes met so far, see
     `fedcl.flower.continual_client.soft_labels`).
     Client training (fedavg, hybrid, continual): local_epochs, local_lr, local_batch_size, replay_batch_size
-    (memory samples added to every mini-batch in the continual scenario).
+    (memory samples added to every mini-batch in the continual scenario), replay_dsa (continual: DSA-augment
+    those memory samples, each with its own draw; the new task's samples stay as they are), rehearsal_epochs
+    (continual memory strategies: 0 = off; else in the distillation round at each task's end every client, once
+    its memory holds the new task, trains the global model that many epochs on its memory alone and the server
+    averages those models, weighted by memory images: a class-balanced step after the recency-biased training).
     Server training on the pooled synthetic memory: server_epochs (fed-distill, every round), finetune_epochs
     (hybrid, after every aggregation), server_lr, server_batch_size (small pools need small batches to get
     enough steps per epoch), memory ("all" sets ever received or each client's "latest"), screen (poisoning
@@ -85,6 +89,8 @@ class FedSettings:
     local_lr: float = 0.01
     local_batch_size: int = 64
     replay_batch_size: int = 64
+    replay_dsa: bool = False
+    rehearsal_epochs: int = 0
     server_epochs: int = 100
     finetune_epochs: int = 10
     server_lr: float = 0.01
@@ -109,6 +115,8 @@ class FedSettings:
             raise ValueError(f"upload-dtype must be 'float32' or 'float16', got {self.upload_dtype!r}")
         if self.min_class_images < 1:
             raise ValueError(f"min-class-images must be >= 1, got {self.min_class_images}")
+        if self.rehearsal_epochs < 0:
+            raise ValueError(f"rehearsal-epochs must be >= 0 (0 = no rehearsal round), got {self.rehearsal_epochs}")
         if self.label_temperature < 0:
             raise ValueError(f"label-temperature must be >= 0 (0 = hard labels), got {self.label_temperature}")
         if self.memory not in ("all", "latest"):
@@ -145,6 +153,11 @@ class FedSettings:
         distilled), so that a benchmark can reuse, say, a random-replay run across DM settings."""
         dm_options = frozenset({"distill-iterations", "batch-real"})
         return dm_options if self.scenario == "continual" and self.memory_distiller != "dm" else frozenset()
+
+    @property
+    def rehearses(self) -> bool:
+        """Continual scenario: the distillation round also trains and averages the model on the memories."""
+        return self.rehearsal_epochs > 0 and self.memory_distiller is not None
 
     @property
     def server_memory(self) -> bool:
