@@ -184,9 +184,11 @@ class ContinualFedAvg(Metered, FedAvg):
     def _rehearsed(self, replies: list[Message]) -> ArrayRecord | None:
         """The average of the models the clients rehearsed on their memories, weighted by the images each trained
         on; replies without a model, or whose model does not match the one sent, are left out."""
+        if self._arrays is None:
+            return None
         records = []
         for reply in replies:
-            if reply.has_error() or "arrays" not in reply.content.array_records or self._arrays is None:
+            if reply.has_error() or "arrays" not in reply.content.array_records:
                 continue
             n = int(reply.content["metrics"].get("rehearsal-examples", 0)) if "metrics" in reply.content else 0
             if n > 0 and _same_layout(reply.content.array_records["arrays"], self._arrays):
