@@ -14,12 +14,18 @@ rate q = max_c q_c = batch_real / (smallest class size).  Assumptions, stated be
   - the class sizes n_c (the label histogram) are public: the sampling rates and the expected counts that turn
     noisy sums into means are computed from them;
   - the synthetic images do not start from real images (DP distillation starts from noise).
+
+The noise and the Poisson sampling come from the operating system's cryptographically secure random source
+(`OsRandom`, reading `os.urandom`), never from the run's seed: the seed is public (it is in the set's metadata),
+and noise recomputable from it would let anyone who knows all but one record compare the candidate outputs.
+So a DP run is not bitwise reproducible; everything else in it (networks, augmentation) stays seeded.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,13 +48,36 @@ def sampling_rates(counts: torch.Tensor, per_class: int) -> torch.Tensor:
     return (per_class / counts.clamp(min=1).double()).clamp(max=1.0) * (counts > 0)
 
 
+class OsRandom:
+    """Uniform and Gaussian draws from `os.urandom` (the OS's cryptographically secure generator), for DP noise
+    and sampling: unlike a seeded torch.Generator, nothing public determines them."""
+
+    def uniform(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """float64 draws in (0, 1): 53 random bits each, offset by half a step so 0 never occurs."""
+        count = math.prod(shape)
+        words = torch.frombuffer(bytearray(os.urandom(8 * count)), dtype=torch.int64) if count else \
+            torch.empty(0, dtype=torch.int64)
+        bits = (words >> 11) & ((1 << 53) - 1)
+        return ((bits.double() + 0.5) / 2.0**53).reshape(shape)
+
+    def normal(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Standard normal float64 draws (Box-Muller on two uniform draws each)."""
+        count = math.prod(shape)
+        u = self.uniform((2, count))
+        return ((-2 * u[0].log()).sqrt() * torch.cos(2 * math.pi * u[1])).reshape(shape)
+
+
 def poisson_sample(index: ClassIndex, rates: torch.Tensor,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Take every sample of class c independently with probability rates[c].
+                   random: OsRandom | torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Take every sample of class c independently with probability rates[c], with draws from `random` (an
+    OsRandom for DP; a torch.Generator only where the sample needs no privacy, as in tests).
 
     Returns (indices, classes) grouped by class, like `ClassIndex.sample`; the batch size is random.
     """
-    keys = torch.rand(index.table.shape, generator=generator, dtype=torch.float64)
+    if isinstance(random, OsRandom):
+        keys = random.uniform(tuple(index.table.shape))
+    else:
+        keys = torch.rand(index.table.shape, generator=random, dtype=torch.float64)
     keep = (keys < rates.unsqueeze(1)) & (index.table >= 0)
     classes = torch.arange(index.n_classes).unsqueeze(1).expand_as(index.table)
     return index.table[keep], classes[keep]
@@ -121,11 +150,13 @@ class GaussianClassSums:
     sample_rate: float
     steps: int
     epsilon: float
+    #: Source of the noise and of the Poisson sampling: the OS's secure generator, never the run's seed.
+    random: OsRandom = field(default_factory=OsRandom, compare=False)
 
-    def noisy_means(self, sums: torch.Tensor, present: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Means from clipped per-class sums (rows = present classes): add N(0, (sigma C)^2), divide by the
-        expected count q_c n_c.  The noise comes from `generator` (CPU), so runs are reproducible anywhere."""
-        noise = torch.randn(sums.shape, generator=generator) * (self.noise_multiplier * self.clip)
+    def noisy_means(self, sums: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Means from clipped per-class sums (rows = present classes): add N(0, (sigma C)^2) drawn from the OS's
+        secure generator, divide by the expected count q_c n_c."""
+        noise = self.random.normal(tuple(sums.shape)).float() * (self.noise_multiplier * self.clip)
         expected = (self.rates[present] * self.counts[present]).float().unsqueeze(1)
         return (sums + noise.to(sums.device, sums.dtype)) / expected.to(sums.device)
 
@@ -134,4 +165,5 @@ class GaussianClassSums:
         return {"epsilon": self.epsilon, "delta": self.budget.delta, "target_epsilon": self.budget.epsilon,
                 "noise_multiplier": self.noise_multiplier, "clip": self.clip,
                 "sample_rate": self.sample_rate, "steps": self.steps, "accountant": "opacus RDP",
-                "sampling": "Poisson per class, rate min(1, batch_real / n_c); worst-case rate accounted"}
+                "sampling": "Poisson per class, rate min(1, batch_real / n_c); worst-case rate accounted",
+                "randomness": "os.urandom (not reproducible from the seed)"}

@@ -1,9 +1,17 @@
 """SyntheticSet: the one data type that flows through fedcl.
 
 A distiller makes it, a file or a Flower message carries it, an Avalanche buffer replays it and the training loop
-consumes it.  It holds images (normalised, NCHW float32), hard (int64 class ids) or soft (float32 class
-distributions) labels, optional learned per-step learning rates (the original Dataset Distillation), and metadata
-that says how it was made and how to undo its normalisation.
+consumes it.  It holds images (normalised, NCHW), hard (int64 class ids) or soft (float32 class distributions)
+labels, optional learned per-step learning rates (the original Dataset Distillation), and metadata that says how
+it was made and how to undo its normalisation.
+
+A set may hold its images in a *stored form* that `decode()` turns into training images:
+- `storage`: float32 (as trained), float16, or uint8 codes with a per-channel `scale` and `offset`
+  (image = code * scale + offset), quantised once after distillation (`quantised`);
+- `factor` f (multi-formation, also called partition-and-expansion): every stored image is an f x f grid of tiles,
+  and each tile, upsampled bilinearly to the full size, is one training image - f**2 training images per stored
+  image, with the stored image's label.
+Bytes (`nbytes`) always count the stored form; every consumer trains, screens and audits decoded images.
 
 Synthetic sets arrive from untrusted places (other clients, files), so they are only ever (de)serialised with
 safetensors plus JSON, never pickle, and `validate()` checks every tensor before anything uses it.
@@ -23,6 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from torch.nn import functional as F
 
 from fedcl import __version__
 from fedcl.files import atomic_write
@@ -31,7 +40,9 @@ from fedcl.files import atomic_write
 MAX_IMAGES = 100_000
 MAX_BYTES = 512 * 2**20
 MAX_CLASSES = 10_000
-_TENSOR_KEYS = ("images", "labels", "lrs")
+_TENSOR_KEYS = ("images", "labels", "lrs", "scale", "offset")
+#: Stored forms of the images and their dtypes.
+STORAGES = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8}
 
 
 class SyntheticSetError(ValueError):
@@ -44,6 +55,8 @@ class SyntheticMeta:
 
     `mean`/`std` are the per-channel normalisation of the source dataset: pixels = images * std + mean.
     `extra` holds method-specific facts (iterations, loss, wall time, ...) as JSON-serialisable values.
+    `factor` and `storage` describe the stored form of the images (see the module docstring); `ipc` counts stored
+    images per class.
     """
 
     method: str
@@ -55,6 +68,8 @@ class SyntheticMeta:
     seed: int | None = None
     created_by: str = f"fedcl {__version__}"
     extra: dict[str, Any] = field(default_factory=dict)
+    factor: int = 1
+    storage: str = "float32"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -85,6 +100,8 @@ class SyntheticMeta:
             seed=None if raw.get("seed") is None else _expect_int(raw["seed"], "seed"),
             created_by=_expect(raw.get("created_by", "unknown"), str, "created_by"),
             extra=_expect(raw.get("extra", {}), dict, "extra"),
+            factor=_expect_int(raw.get("factor", 1), "factor"),
+            storage=_expect(raw.get("storage", "float32"), str, "storage"),
         )
 
 
@@ -110,15 +127,19 @@ def _expect_float(value: Any, name: str) -> float:
 class SyntheticSet:
     """Distilled images with their labels, optional learned step sizes and metadata.
 
-    images: (N, C, H, W) float32, normalised like the source dataset.
+    images: (N, C, H, W) stored images, normalised like the source dataset: float32 or float16, or uint8 codes
+            (`meta.storage`); with `meta.factor` f > 1 each holds f x f tiles.
     labels: (N,) int64 class ids, or (N, n_classes) float32 soft labels (rows are distributions or logits).
     lrs:    optional (S,) float32 per-step learning rates learned with the images (Dataset Distillation).
+    scale / offset: (C,) float32 dequantisation of uint8 codes (image = code * scale + offset); None otherwise.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     meta: SyntheticMeta
     lrs: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ properties
     def __len__(self) -> int:
@@ -139,26 +160,73 @@ class SyntheticSet:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of tensor payload (what crosses the network or fills a replay memory)."""
+        """Bytes of the stored tensor payload (what crosses the network or fills a replay memory)."""
         return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
+
+    @property
+    def encoded(self) -> bool:
+        """Whether the images are in a stored form other than plain float32 training images."""
+        return self.meta.factor != 1 or self.meta.storage != "float32"
+
+    def float_images(self) -> torch.Tensor:
+        """The stored images as float32 (uint8 codes dequantised), tiles not yet expanded."""
+        if self.meta.storage == "uint8":
+            channels = (1, -1, 1, 1)
+            return self.images.float() * self.scale.view(channels) + self.offset.view(channels)
+        return self.images.float()
+
+    def decode(self) -> SyntheticSet:
+        """The training images: float32, each stored image expanded into its factor**2 tiles (labels repeated).
+
+        A plain set is returned as it is.  The decoded set's metadata says what it was decoded from."""
+        if not self.encoded:
+            return self
+        f = self.meta.factor
+        images = expand_tiles(self.float_images(), f)
+        labels = self.labels.repeat_interleave(f * f, dim=0)
+        stored = {"factor": f, "storage": self.meta.storage, "nbytes": self.nbytes, "n_stored": len(self)}
+        meta = replace(self.meta, ipc=self.meta.ipc * f * f, factor=1, storage="float32",
+                       extra={**self.meta.extra, "decoded_from": stored})
+        return SyntheticSet(images.contiguous(), labels.contiguous(), meta, self.lrs)
+
+    def quantised(self, storage: str) -> SyntheticSet:
+        """The set with its (float) images stored as `storage`: float32, float16, or uint8 codes with a
+        per-channel scale and offset spanning each channel's range (error at most half a step per pixel)."""
+        if storage not in STORAGES:
+            raise SyntheticSetError(f"storage must be one of {sorted(STORAGES)}, got {storage!r}")
+        images = self.float_images()
+        scale = offset = None
+        if storage == "uint8":
+            low = images.amin(dim=(0, 2, 3))
+            high = images.amax(dim=(0, 2, 3))
+            scale = torch.where(high > low, (high - low) / 255, torch.ones_like(low))
+            codes = ((images - low.view(1, -1, 1, 1)) / scale.view(1, -1, 1, 1)).round().clamp(0, 255)
+            images, scale, offset = codes.to(torch.uint8), scale.float().contiguous(), low.float().contiguous()
+        else:
+            images = images.to(STORAGES[storage])
+        return replace(self, images=images.contiguous(), scale=scale, offset=offset,
+                       meta=replace(self.meta, storage=storage))
 
     def classes(self) -> list[int]:
         """Sorted class ids present in the set."""
         return sorted(int(c) for c in torch.unique(self.hard_labels))
 
     def to(self, device: torch.device | str) -> SyntheticSet:
-        lrs = None if self.lrs is None else self.lrs.to(device)
-        return replace(self, images=self.images.to(device), labels=self.labels.to(device), lrs=lrs)
+        moved = {k: None if getattr(self, k) is None else getattr(self, k).to(device) for k in _TENSOR_KEYS}
+        return replace(self, **moved)
 
     def detach(self) -> SyntheticSet:
-        """A copy on the CPU, cut from any autograd graph (what a distiller returns)."""
-        lrs = None if self.lrs is None else self.lrs.detach().float().cpu().contiguous()
-        return replace(
-            self,
-            images=self.images.detach().float().cpu().contiguous(),
-            labels=self.labels.detach().cpu().contiguous(),
-            lrs=lrs,
-        )
+        """A copy on the CPU, cut from any autograd graph (what a distiller returns); images keep their stored
+        dtype, float tensors become float32."""
+        def plain(t: torch.Tensor | None, keep_dtype: bool = False) -> torch.Tensor | None:
+            if t is None:
+                return None
+            t = t.detach().cpu()
+            return (t if keep_dtype or not t.is_floating_point() else t.float()).contiguous()
+
+        return replace(self, images=plain(self.images, keep_dtype=self.meta.storage != "float32"),
+                       labels=plain(self.labels), lrs=plain(self.lrs), scale=plain(self.scale),
+                       offset=plain(self.offset))
 
     # ------------------------------------------------------------------ validation
     def validate(
@@ -177,8 +245,11 @@ class SyntheticSet:
         images, labels, lrs, meta = self.images, self.labels, self.lrs, self.meta
         if not isinstance(images, torch.Tensor) or images.ndim != 4:
             raise SyntheticSetError(f"images must be a 4-D (N, C, H, W) tensor, got shape {_shape(images)}")
-        if images.dtype != torch.float32:
-            raise SyntheticSetError(f"images must be float32, got {images.dtype}")
+        if meta.storage not in STORAGES:
+            raise SyntheticSetError(f"metadata storage {meta.storage!r} is not one of {sorted(STORAGES)}")
+        if images.dtype != STORAGES[meta.storage]:
+            raise SyntheticSetError(f"images stored as {meta.storage} must be {STORAGES[meta.storage]}, "
+                                    f"got {images.dtype}")
         n = images.shape[0]
         if n == 0:
             raise SyntheticSetError("synthetic set is empty: it holds no images")
@@ -193,8 +264,9 @@ class SyntheticSet:
             raise SyntheticSetError(
                 f"images have shape {tuple(images.shape[1:])} per image, expected {tuple(image_shape)}"
             )
-        if not torch.isfinite(images).all():
+        if images.is_floating_point() and not torch.isfinite(images).all():
             raise SyntheticSetError("images contain NaN or Inf values")
+        self._validate_form(images)
         if not 1 <= meta.n_classes <= MAX_CLASSES:
             raise SyntheticSetError(f"metadata n_classes={meta.n_classes} is outside 1..{MAX_CLASSES}")
         if n_classes is not None and meta.n_classes != n_classes:
@@ -212,6 +284,25 @@ class SyntheticSet:
             if lrs.numel() > 10_000 or not torch.isfinite(lrs).all():
                 raise SyntheticSetError("lrs must hold at most 10000 finite values")
         return self
+
+    def _validate_form(self, images: torch.Tensor) -> None:
+        """The stored form: a factor that tiles the images, and scale/offset exactly when stored as uint8."""
+        factor, quantised = self.meta.factor, self.meta.storage == "uint8"
+        if not 1 <= factor <= min(images.shape[2:]):
+            raise SyntheticSetError(f"metadata factor={factor} must lie in 1..{min(images.shape[2:])} "
+                                    f"for {tuple(images.shape[2:])} images")
+        for name in ("scale", "offset"):
+            value = getattr(self, name)
+            if not quantised:
+                if value is not None:
+                    raise SyntheticSetError(f"{name} belongs only to uint8 storage, not {self.meta.storage}")
+                continue
+            if (not isinstance(value, torch.Tensor) or value.dtype != torch.float32
+                    or tuple(value.shape) != (images.shape[1],) or not torch.isfinite(value).all()):
+                raise SyntheticSetError(f"uint8 storage needs a finite float32 {name} of shape "
+                                        f"({images.shape[1]},), got {_shape(value)}")
+        if quantised and not bool((self.scale > 0).all()):
+            raise SyntheticSetError("uint8 storage needs a positive scale")
 
     @staticmethod
     def _validate_labels(labels: torch.Tensor, n: int, n_classes: int) -> None:
@@ -235,8 +326,9 @@ class SyntheticSet:
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """The tensor payload by name (what a file or a Flower ArrayRecord stores)."""
         tensors = {"images": self.images, "labels": self.labels}
-        if self.lrs is not None:
-            tensors["lrs"] = self.lrs
+        for name in ("lrs", "scale", "offset"):
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name)
         return tensors
 
     @classmethod
@@ -254,7 +346,8 @@ class SyntheticSet:
             raise SyntheticSetError(f"synthetic set lacks tensors {sorted(missing)}")
         if isinstance(meta, str):
             meta = SyntheticMeta.from_json(meta)
-        synset = cls(images=tensors["images"], labels=tensors["labels"], meta=meta, lrs=tensors.get("lrs"))
+        synset = cls(images=tensors["images"], labels=tensors["labels"], meta=meta, lrs=tensors.get("lrs"),
+                     scale=tensors.get("scale"), offset=tensors.get("offset"))
         return synset.validate(**limits)
 
     def to_bytes(self) -> bytes:
@@ -296,6 +389,7 @@ class SyntheticSet:
         payload = self.to_bytes()
         atomic_write(path, lambda f: f.write(payload))
         sidecar = {"meta": json.loads(self.meta.to_json()), "n_images": len(self),
+                   "n_training_images": len(self) * self.meta.factor ** 2,
                    "image_shape": list(self.image_shape), "soft_labels": self.soft_labels,
                    "has_lrs": self.lrs is not None, "nbytes": self.nbytes}
         atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(sidecar, indent=2).encode()))
@@ -318,10 +412,10 @@ class SyntheticSet:
 
     # ------------------------------------------------------------------ pictures
     def pixels(self) -> torch.Tensor:
-        """Images mapped back to pixel space [0, 1] with the source normalisation."""
+        """Stored images (tiles not expanded) mapped back to pixel space [0, 1] with the source normalisation."""
         mean = torch.tensor(self.meta.mean).view(1, -1, 1, 1)
         std = torch.tensor(self.meta.std).view(1, -1, 1, 1)
-        return (self.images.detach().cpu() * std + mean).clamp(0, 1)
+        return (self.float_images().detach().cpu() * std + mean).clamp(0, 1)
 
     def to_grid_png(self, path: str | os.PathLike[str], *, min_side: int = 32) -> Path:
         """Write a PNG grid of the images, one row per class (sorted by label), upscaled to `min_side` pixels."""
@@ -341,6 +435,39 @@ class SyntheticSet:
         path = Path(path)
         atomic_write(path, lambda f: image.save(f, format="PNG"))
         return path
+
+
+def tile_bounds(size: int, factor: int) -> list[tuple[int, int]]:
+    """[start, stop) of the `factor` tiles along one side of `size` pixels (sizes differ by at most one)."""
+    edges = [round(i * size / factor) for i in range(factor + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def expand_tiles(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """Multi-formation decoding, differentiable: (N, C, H, W) stored images -> (N * factor**2, C, H, W), image i's
+    tiles (row-major) at rows i * factor**2 ..., each upsampled bilinearly to H x W."""
+    if factor == 1:
+        return images
+    n, c, height, width = images.shape
+    tiles = [F.interpolate(images[:, :, r0:r1, c0:c1], size=(height, width), mode="bilinear", align_corners=False)
+             for r0, r1 in tile_bounds(height, factor) for c0, c1 in tile_bounds(width, factor)]
+    return torch.stack(tiles, dim=1).reshape(n * factor * factor, c, height, width)
+
+
+def pack_tiles(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """The inverse layout of `expand_tiles` for real images: groups of factor**2 consecutive images, each
+    downscaled (area averaging) into one tile of a stored image; (N * factor**2, C, H, W) -> (N, C, H, W)."""
+    if factor == 1:
+        return images
+    total, c, height, width = images.shape
+    if total % (factor * factor):
+        raise ValueError(f"need a multiple of {factor * factor} images to pack, got {total}")
+    groups = images.reshape(total // (factor * factor), factor * factor, c, height, width)
+    stored = images.new_empty(total // (factor * factor), c, height, width)
+    positions = [(r, q) for r in tile_bounds(height, factor) for q in tile_bounds(width, factor)]
+    for k, ((r0, r1), (c0, c1)) in enumerate(positions):
+        stored[:, :, r0:r1, c0:c1] = F.interpolate(groups[:, k], size=(r1 - r0, c1 - c0), mode="area")
+    return stored
 
 
 def _shape(value: Any) -> str:

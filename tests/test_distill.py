@@ -61,7 +61,7 @@ def _reference_dm_loss(dm, images, labels, syn, syn_labels, seed, net_seed):
 
 
 def test_batched_dm_loss_equals_per_class_loop(digits):
-    dm = create_distiller("dm", iterations=1, batch_real=32, chunk=50, model_cfg={"width": 32}, device="cpu")
+    dm = create_distiller("dm", iterations=1, batch_real=32, chunk=50, model_cfg={"width": 32}, device="cpu", amp=False)
     images, labels = digits.train_images, digits.train_labels
     index = ClassIndex(labels, 10)
     syn, syn_labels = dm.initial_images(images, index, 3, torch.Generator().manual_seed(0))

@@ -11,6 +11,7 @@ from fedcl.cli import main
 from fedcl.data import ClassIndex, load_dataset
 from fedcl.distill import create_distiller
 from fedcl.privacy import PrivacyBudget, calibrate_noise, clip_rows, poisson_sample, spent_epsilon
+from fedcl.synthetic import SyntheticSet
 
 SMALL = {"width": 16, "depth": 2}
 
@@ -61,19 +62,25 @@ def test_budget_validation_and_noisy_means_scale():
     counts = torch.tensor([400, 200])
     mechanism = PrivacyBudget(2.0, 1e-5, clip=3.0).mechanism(counts, 100, 50, dim=20000)
     assert mechanism.sample_rate == 0.5 and mechanism.epsilon <= 2.0
-    means = mechanism.noisy_means(torch.zeros(2, 20000), torch.tensor([0, 1]), torch.Generator().manual_seed(0))
+    means = mechanism.noisy_means(torch.zeros(2, 20000), torch.tensor([0, 1]))
     # Noise sigma * C on the sums, divided by the expected count q_c n_c = 100 for both classes.
     expected_std = mechanism.noise_multiplier * 3.0 / 100
     assert abs(float(means.std()) / expected_std - 1) < 0.03
 
 
-def test_dp_dm_records_budget_and_is_reproducible(digits):
+def test_dp_dm_records_budget_and_its_noise_is_not_reproducible_from_the_seed(digits):
     options = {"iterations": 4, "batch_real": 16, "model_cfg": SMALL, "device": "cpu", "seed": 1, "dp_epsilon": 3.0}
     a = create_distiller("dm", **options).distill(digits.train_images, digits.train_labels, ipc=2, n_classes=10)
     b = create_distiller("dm", **options).distill(digits.train_images, digits.train_labels, ipc=2, n_classes=10)
     plain = create_distiller("dm", **{**options, "dp_epsilon": None, "init": "noise"}).distill(
         digits.train_images, digits.train_labels, ipc=2, n_classes=10)
-    assert torch.equal(a.images, b.images) and not torch.equal(a.images, plain.images)
+    # Same seed, same data: the noise and sampling come from the OS, so the released images differ ...
+    assert not torch.equal(a.images, b.images) and not torch.equal(a.images, plain.images)
+    # ... while everything seeded (the starting noise, the networks) is shared: the runs start identically.
+    start = create_distiller("dm", **{**options, "iterations": 0, "dp_epsilon": None, "init": "noise"}).distill(
+        digits.train_images, digits.train_labels, ipc=2, n_classes=10)
+    assert float((a.images - start.images).abs().max()) > 0 and a.meta.seed == b.meta.seed == 1
+    assert a.meta.extra["dp"]["randomness"].startswith("os.urandom")
     dp = a.meta.extra["dp"]
     assert 2.9 <= dp["epsilon"] <= 3.0 and dp["delta"] == 1e-5 and dp["noise_multiplier"] > 0
     assert dp["clip"] == pytest.approx(math.sqrt(16 * 2 * 2) / 2)  # embedding of width 16 at 2x2: D = 64
@@ -90,6 +97,17 @@ def test_cli_dp_flags(tmp_path, capsys):
                  "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["dp"]["epsilon"] <= 4 and report["dp"]["delta"] == 1e-4
+    # No checkpoint (a hash of the private data and resumable state) is left beside a DP set ...
+    assert not (out / "checkpoint.safetensors").exists()
+    # ... unless asked for, with a warning; and nothing in the folder replays the noise: a second run differs.
+    again = tmp_path / "dp-again"
+    with pytest.warns(UserWarning, match="hash of the private"):
+        assert main(["distill", "--dataset", "digits", "--ipc", "1", "--iterations", "3", "--width", "8", "--depth",
+                     "2", "--batch-real", "8", "--device", "cpu", "--dp-epsilon", "4", "--dp-delta", "1e-4",
+                     "--opt", "dp_keep_checkpoint=true", "--out", str(again)]) == 0
+    assert (again / "checkpoint.safetensors").exists()
+    first = SyntheticSet.load(out / "synthetic.safetensors").images
+    assert not torch.equal(first, SyntheticSet.load(again / "synthetic.safetensors").images)
     assert report["options"]["dp_epsilon"] == 4
     assert main(["distill", "--method", "dc", "--dp-epsilon", "1", "--out", str(tmp_path / "dc")]) == 2
     assert "--method dm only" in capsys.readouterr().err

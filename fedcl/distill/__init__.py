@@ -10,9 +10,11 @@ from fedcl.distill.base import (
     register,
 )
 from fedcl.distill.coreset import HerdingCoreset, RandomCoreset
+from fedcl.distill.dance import DualViewDistributionAlignment
 from fedcl.distill.dc import GradientMatching, SiameseGradientMatching
 from fedcl.distill.dd import DatasetDistillation
 from fedcl.distill.dm import DistributionMatching
+from fedcl.distill.idm import ImprovedDistributionMatching
 from fedcl.distill.mtt import ExpertBuffer, TrajectoryMatching
 
 __all__ = [
@@ -20,9 +22,11 @@ __all__ = [
     "Distiller",
     "DatasetDistillation",
     "DistributionMatching",
+    "DualViewDistributionAlignment",
     "GradientMatching",
     "ExpertBuffer",
     "HerdingCoreset",
+    "ImprovedDistributionMatching",
     "RandomCoreset",
     "SiameseGradientMatching",
     "Source",

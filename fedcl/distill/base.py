@@ -8,6 +8,11 @@ wraps the result in a validated `SyntheticSet` with its metadata.
 Iterative methods keep their loop state in a `LoopState` (`loop_state`), iterate over `progress_bar(state)` and
 call `record` after every iteration; with `checkpoint_dir` set, `record` writes a checkpoint every
 `checkpoint_every` iterations and `resume=True` continues from it to the same result as an uninterrupted run.
+With `budget_seconds` set, the loop also stops cleanly once that much wall time has passed since `distill` began
+(checkpointing where it stopped, so `resume` can continue it); the set's metadata records the iterations run.
+
+Every distiller also takes the stored form of its output: `storage` (float32, float16, uint8: quantised once at
+the end) and, for methods that support it (`supports_factor`), the multi-formation `factor`.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from fedcl.data.datasets import ImageDataset
 from fedcl.distill.checkpoint import LoopState
 from fedcl.models import create_model
 from fedcl.runtime import resolve_device, seeded
-from fedcl.synthetic import SyntheticMeta, SyntheticSet
+from fedcl.synthetic import STORAGES, SyntheticMeta, SyntheticSet
 
 #: Called as callback(iteration, loss) after every distillation iteration.
 ProgressCallback = Callable[[int, float], None]
@@ -57,6 +62,8 @@ class DistillResult:
     labels: torch.Tensor
     lrs: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Multi-formation factor of `images` (each holds factor x factor tiles).
+    factor: int = 1
 
 
 class Distiller(ABC):
@@ -67,18 +74,25 @@ class Distiller(ABC):
     progress: show a progress bar over iterations.
     checkpoint_dir: directory for `checkpoint.safetensors` (None: no checkpoints).  checkpoint_every: iterations
     between checkpoints (and one after the last).  resume: continue from the checkpoint in checkpoint_dir.
+    budget_seconds: stop iterating once this much wall time has passed (None: run every iteration); at least
+    one iteration always runs.
+    factor: multi-formation factor of the stored images (methods with `supports_factor` only).
+    storage: float32, float16 or uint8 (`SyntheticSet.quantised`), applied to the finished set.
     """
 
     name: ClassVar[str]
+    #: Whether the method optimises multi-formation images (factor > 1).
+    supports_factor: ClassVar[bool] = False
     #: Length of the method's loop; iterative methods set it (the checkpoint hooks read it).
     iterations: int
     #: Attributes that do not change the result, left out of a checkpoint's identity.
     _RUN_ONLY: ClassVar[frozenset[str]] = frozenset({"device", "progress", "checkpoint_dir", "checkpoint_every",
-                                                     "resume"})
+                                                     "resume", "budget_seconds", "storage"})
 
     def __init__(self, *, model: str = "convnet", model_cfg: dict[str, Any] | None = None,
                  device: str | torch.device = "auto", seed: int = 0, progress: bool = False,
-                 checkpoint_dir: str | Path | None = None, checkpoint_every: int = 50, resume: bool = False) -> None:
+                 checkpoint_dir: str | Path | None = None, checkpoint_every: int = 50, resume: bool = False,
+                 budget_seconds: float | None = None, factor: int = 1, storage: str = "float32") -> None:
         self.model = model
         self.model_cfg = dict(model_cfg or {})
         self.device = resolve_device(device)
@@ -88,8 +102,18 @@ class Distiller(ABC):
             raise ValueError(f"checkpoint_every must be >= 0 (0: never), got {checkpoint_every}")
         if resume and checkpoint_dir is None:
             raise ValueError("resume needs checkpoint_dir, the directory holding the checkpoint")
+        if budget_seconds is not None and not budget_seconds > 0:
+            raise ValueError(f"budget_seconds must be > 0 (or None: no limit), got {budget_seconds}")
+        if factor < 1 or (factor > 1 and not self.supports_factor):
+            raise ValueError(f"factor={factor}: {self.name} supports only factor 1" if factor > 1 else
+                             f"factor must be >= 1, got {factor}")
+        if storage not in STORAGES:
+            raise ValueError(f"storage must be one of {sorted(STORAGES)}, got {storage!r}")
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.checkpoint_every, self.resume = checkpoint_every, resume
+        self.budget_seconds, self.factor, self.storage = budget_seconds, int(factor), storage
+        #: (start time of the running `distill`, iterations run, whether the budget stopped it).
+        self._clock: dict[str, Any] = {}
 
     def new_model(self, in_shape: tuple[int, int, int], n_classes: int, seed: int) -> nn.Module:
         """A freshly initialised network on the distiller's device, channels_last when it is convolutional."""
@@ -111,14 +135,17 @@ class Distiller(ABC):
             raise ValueError(f"labels must lie in 0..{n_classes - 1}")
         source = source or Source()
         start = time.perf_counter()
+        self._clock = {"start": start, "run": None, "stopped_by_budget": False}
         result = self._distill(images.float(), labels, ipc, n_classes, callback)
         seconds = time.perf_counter() - start
+        run = {} if self._clock["run"] is None else {"iterations_run": self._clock["run"],
+                                                     "stopped_by_budget": self._clock["stopped_by_budget"]}
         meta = SyntheticMeta(method=self.name, n_classes=n_classes, ipc=ipc, dataset=source.dataset,
-                             mean=tuple(source.mean), std=tuple(source.std), seed=self.seed,
+                             mean=tuple(source.mean), std=tuple(source.std), seed=self.seed, factor=result.factor,
                              extra={"seconds": round(seconds, 3), "device": str(self.device), "model": self.model,
-                                    "model_cfg": self.model_cfg, **result.extra})
-        synset = SyntheticSet(result.images, result.labels, meta, result.lrs).detach()
-        return synset.validate()
+                                    "model_cfg": self.model_cfg, **run, **result.extra})
+        synset = SyntheticSet(result.images, result.labels, meta, result.lrs).detach().validate()
+        return synset if self.storage == "float32" else synset.quantised(self.storage).validate()
 
     @property
     def checkpoint_path(self) -> Path | None:
@@ -138,10 +165,30 @@ class Distiller(ABC):
         return state
 
     def progress_bar(self, state: LoopState) -> Any:
-        """The iterations still to run, from `state.start`, with a progress bar when asked for."""
+        """The iterations still to run, from `state.start`, with a progress bar when asked for; under
+        `budget_seconds` it ends early once the budget is spent."""
         total = self.iterations
-        return tqdm(range(state.start, total), initial=state.start, total=total, desc=self.name,
+        return tqdm(self._iterations(state), initial=state.start, total=total, desc=self.name,
                     disable=not self.progress)
+
+    def _iterations(self, state: LoopState) -> Any:
+        """Iteration numbers from `state.start`; stops at the wall-time budget (checkpointing there)."""
+        done = state.start
+        for it in range(state.start, self.iterations):
+            if it > state.start and self._over_budget():
+                self._clock["stopped_by_budget"] = True
+                if self.checkpoint_path is not None and self.checkpoint_every > 0:
+                    state.save(self.checkpoint_path, it)
+                break
+            yield it
+            done = it + 1
+            self._clock["run"] = done
+        self._clock["run"] = done
+
+    def _over_budget(self) -> bool:
+        started = self._clock.get("start")
+        return (self.budget_seconds is not None and started is not None
+                and time.perf_counter() - started >= self.budget_seconds)
 
     def record(self, state: LoopState, loss: float, iteration: int, bar: Any,
                callback: ProgressCallback | None) -> None:
@@ -161,7 +208,8 @@ class Distiller(ABC):
         digest = hashlib.sha256()
         for t in (images, labels):
             digest.update(t.detach().cpu().contiguous().numpy().tobytes())
-        options = {k: _plain(v) for k, v in sorted(vars(self).items()) if k not in self._RUN_ONLY}
+        options = {k: _plain(v) for k, v in sorted(vars(self).items())
+                   if k not in self._RUN_ONLY and not k.startswith("_")}
         return {"method": self.name, "ipc": ipc, "n_classes": n_classes, "data_shape": list(images.shape),
                 "data_sha256": digest.hexdigest(), "options": options}
 

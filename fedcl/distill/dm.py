@@ -18,6 +18,8 @@ The synthetic embeddings are clipped to the same bound (no privacy cost) so that
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from fedcl.augment import DEFAULT_STRATEGY, DSA
@@ -27,6 +29,7 @@ from fedcl.distill.functional import initial_images
 from fedcl.privacy import GaussianClassSums, PrivacyBudget, clip_rows, poisson_sample
 from fedcl.runtime import autocast
 from fedcl.runtime import generator as make_generator
+from fedcl.synthetic import expand_tiles, pack_tiles
 
 
 @register
@@ -38,22 +41,38 @@ class DistributionMatching(Distiller):
     batch_real: real images per class per iteration (paper: 256).
     init: "real" (random real images of the class) or "noise" (standard normal); default real, noise under DP.
     dsa / dsa_strategy: differentiable siamese augmentation of real and synthetic batches.
-    amp: bfloat16 autocast for the forward passes on CUDA.
+    amp: bfloat16 autocast for the forward passes: None (default) on CPUs with native bf16 only, True also on
+    CUDA, False never (`fedcl.runtime.amp_enabled`).
     chunk: real images per forward chunk (cache blocking; does not change the loss).
     dp_epsilon / dp_delta / dp_clip: differentially private distillation spending at most (dp_epsilon, dp_delta)
     over the whole run, with real embeddings clipped to L2 norm dp_clip (`fedcl.privacy.PrivacyBudget`); off
-    (None) by default, which leaves the loop exactly as without these options.
+    (None) by default, which leaves the loop exactly as without these options.  Under DP the noise and sampling
+    come from the OS's secure generator (a DP run is not bitwise reproducible), and no checkpoint is written:
+    a checkpoint holds a hash of the private data and resumable state, so it is kept only with
+    dp_keep_checkpoint=True (with a warning).
+    factor: multi-formation factor f: each stored image holds f x f tiles, each a training image upsampled to
+    the full size, so f**2 training images per stored image (`fedcl.synthetic.expand_tiles`).
     """
 
     name = "dm"
+    supports_factor = True
 
     def __init__(self, *, iterations: int = 1000, lr_img: float = 1.0, momentum: float = 0.5,
                  batch_real: int = 256, init: str | None = None, dsa: bool = True,
-                 dsa_strategy: str = DEFAULT_STRATEGY, amp: bool = False, chunk: int = 256,
+                 dsa_strategy: str = DEFAULT_STRATEGY, amp: bool | None = None, chunk: int = 256,
                  dp_epsilon: float | None = None, dp_delta: float = 1e-5, dp_clip: float | None = None,
-                 **base) -> None:
+                 dp_keep_checkpoint: bool = False, **base) -> None:
         super().__init__(**base)
         self.privacy = None if dp_epsilon is None else PrivacyBudget(dp_epsilon, dp_delta, dp_clip)
+        if self.privacy is not None and self.checkpoint_dir is not None:
+            if not dp_keep_checkpoint:
+                if self.resume:
+                    raise ValueError("a DP run keeps no checkpoint to resume from; pass dp_keep_checkpoint=True "
+                                     "to write one (it holds a hash of the private data)")
+                self.checkpoint_dir = None
+            else:
+                warnings.warn("dp_keep_checkpoint=True: the checkpoint of a DP run holds a hash of the private "
+                              "data and resumable state; do not release it with the synthetic set", stacklevel=2)
         init = init or ("real" if self.privacy is None else "noise")
         if init not in ("real", "noise"):
             raise ValueError(f"init must be 'real' or 'noise', got {init!r}")
@@ -74,24 +93,60 @@ class DistributionMatching(Distiller):
         # Group id of each class (its row in the augmentation draw and in the class-mean tables).
         group_of = torch.full((n_classes,), -1, dtype=torch.long)
         group_of[present] = torch.arange(len(present))
-        syn_groups = group_of[syn_labels]
+        tiles = self.factor * self.factor
+        train_labels = syn_labels.repeat_interleave(tiles)
+        train_groups = group_of[train_labels]
         mechanism = None if self.privacy is None else self.privacy.mechanism(
             index.counts, self.batch_real, self.iterations, self.embedding_dim(images, n_classes))
-        state = self.loop_state(images, labels, ipc, n_classes, gen, {"images": syn}, {"images": optimizer})
+        pool = self.pool_tensors(tuple(images.shape[1:]), n_classes)
+        state = self.loop_state(images, labels, ipc, n_classes, gen, {"images": syn, **pool}, {"images": optimizer})
+        real_labels = labels.to(self.device)
+        self.prepare(images, real_labels, state)
         bar = self.progress_bar(state)
         for it in bar:
-            loss = self.step(images, index, syn, syn_groups, group_of, gen, self.seed * 1_000_003 + it, mechanism)
+            x = expand_tiles(syn, self.factor)
+            loss = self.step(images, index, x, train_groups, group_of, gen, self.seed * 1_000_003 + it, mechanism,
+                             train_labels=train_labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            self.after_step(it, syn, images, real_labels, gen)
             self.record(state, float(loss.detach()), it, bar, callback)
         losses = state.losses
-        return DistillResult(syn.detach(), syn_labels, extra={
+        return DistillResult(syn.detach(), syn_labels, factor=self.factor, extra={
             "iterations": self.iterations, "batch_real": self.batch_real, "init": self.init,
             "dsa": self.augment is not None, "first_loss": losses[0] if losses else None,
-            "final_loss": losses[-1] if losses else None,
+            "final_loss": losses[-1] if losses else None, **self.describe(),
             **({} if mechanism is None else {"dp": mechanism.report()})})
 
+    # ------------------------------------------------------------------ hooks of the DM family (IDM, DANCE)
+    def pool_tensors(self, in_shape: tuple[int, int, int], n_classes: int) -> dict[str, torch.Tensor]:
+        """Extra loop tensors that a checkpoint must carry (a model pool); plain DM has none."""
+        return {}
+
+    def prepare(self, images: torch.Tensor, labels: torch.Tensor, state) -> None:
+        """Work before the first iteration (e.g. training a model pool), done when `state.start` is 0: a resumed
+        run has its pool restored from the checkpoint."""
+
+    def match_networks(self, in_shape: tuple[int, int, int], n_classes: int, net_seed: int,
+                       gen: torch.Generator) -> list[torch.nn.Module]:
+        """The networks whose embeddings are matched this iteration: DM's one freshly initialised network."""
+        return [self.new_model(in_shape, n_classes, net_seed)]
+
+    def regulariser(self, net: torch.nn.Module, emb: torch.Tensor, x: torch.Tensor,
+                    train_labels: torch.Tensor) -> torch.Tensor | None:
+        """An extra loss on the augmented synthetic images `x` and their embeddings `emb` (None: none)."""
+        return None
+
+    def after_step(self, it: int, syn: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
+                   gen: torch.Generator) -> None:
+        """Work after the stored images `syn` moved (e.g. training pool networks on the real data)."""
+
+    def describe(self) -> dict:
+        """Method-specific facts for the set's metadata."""
+        return {"factor": self.factor}
+
+    # ------------------------------------------------------------------ the matching step
     def embedding_dim(self, images: torch.Tensor, n_classes: int) -> int:
         """Size D of the network's embedding for these images (sets the default DP clip norm)."""
         net = self.new_model(tuple(images.shape[1:]), n_classes, self.seed)
@@ -100,33 +155,50 @@ class DistributionMatching(Distiller):
 
     def initial_images(self, images: torch.Tensor, index: ClassIndex, ipc: int,
                        gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """`ipc` starting images per present class (real samples or noise), channels_last, and their labels."""
-        return initial_images(images, index, ipc, gen, self.init, self.device)
+        """`ipc` stored starting images per present class (real samples or noise), channels_last, and their
+        labels; with factor f, a real start packs f**2 real images of the class into the tiles of each."""
+        tiles = self.factor * self.factor
+        syn, classes = initial_images(images, index, ipc * tiles, gen, self.init, self.device)
+        if tiles > 1:
+            syn = pack_tiles(syn, self.factor) if self.init == "real" else syn[::tiles].clone()
+            classes = classes[::tiles]
+        return syn.contiguous(memory_format=torch.channels_last), classes
 
     def step(self, images: torch.Tensor, index: ClassIndex, syn: torch.Tensor, syn_groups: torch.Tensor,
              group_of: torch.Tensor, gen: torch.Generator, net_seed: int,
-             mechanism: GaussianClassSums | None = None) -> torch.Tensor:
-        """The DM loss of one iteration: new network, one shared draw per class, class-mean embeddings
-        (released through the DP `mechanism` when one is given)."""
+             mechanism: GaussianClassSums | None = None, train_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of one iteration on the (decoded) training images `syn`: for every matching network, one
+        shared augmentation draw per class and the distance of the class-mean embeddings (real means released
+        through the DP `mechanism` when one is given), plus the method's regulariser."""
+        loss = torch.zeros((), device=syn.device)
+        for net in self.match_networks(tuple(images.shape[1:]), index.n_classes, net_seed, gen):
+            net.requires_grad_(False)
+            distance, emb, x = self.match(net, images, index, syn, syn_groups, group_of, gen, mechanism)
+            extra = None if train_labels is None else self.regulariser(net, emb, x, train_labels)
+            loss = loss + distance + (0 if extra is None else extra)
+        return loss
+
+    def match(self, net: torch.nn.Module, images: torch.Tensor, index: ClassIndex, syn: torch.Tensor,
+              syn_groups: torch.Tensor, group_of: torch.Tensor, gen: torch.Generator,
+              mechanism: GaussianClassSums | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """DM's distance for one network: (loss, synthetic embeddings, augmented synthetic images)."""
         n_groups = int((group_of >= 0).sum())
-        net = self.new_model(tuple(images.shape[1:]), index.n_classes, net_seed)
-        net.requires_grad_(False)
         if mechanism is None:
             picks, classes = index.sample(self.batch_real, gen)
         else:
-            picks, classes = poisson_sample(index, mechanism.rates, gen)
+            picks, classes = poisson_sample(index, mechanism.rates, mechanism.random)
         real_groups = group_of[classes]
         draw = self.augment.draw(n_groups, gen) if self.augment is not None else None
         real_mean = self.real_class_means(net, images, picks, real_groups, draw, n_groups, mechanism)
         if mechanism is not None:
-            real_mean = mechanism.noisy_means(real_mean, index.present, gen)
+            real_mean = mechanism.noisy_means(real_mean, index.present)
         x = syn if draw is None else self.augment.apply(syn, draw, syn_groups)
         with autocast(self.device, self.amp):
             emb = net.embed(x.contiguous(memory_format=torch.channels_last)).float()
         if mechanism is not None:  # compare like with like: the real side's embeddings are clipped
             emb = clip_rows(emb, mechanism.clip)
         syn_mean = group_sums(emb, syn_groups, n_groups) / group_counts(syn_groups, n_groups, emb.device)
-        return ((real_mean - syn_mean) ** 2).sum()
+        return ((real_mean - syn_mean) ** 2).sum(), emb, x
 
     @torch.no_grad()
     def real_class_means(self, net: torch.nn.Module, images: torch.Tensor, picks: torch.Tensor,
