@@ -127,8 +127,9 @@ class AuditReport:
 
 
 def normalised_images(synset: SyntheticSet, dataset: ImageDataset) -> torch.Tensor:
-    """The set's images in the dataset's normalised pixel space (undo the set's own normalisation first)."""
-    pixels = synset.images.detach().cpu().float() * torch.tensor(synset.meta.std).view(1, -1, 1, 1) \
+    """The set's decoded training images in the dataset's normalised pixel space (undo the set's own
+    normalisation first)."""
+    pixels = synset.decode().images.detach().cpu().float() * torch.tensor(synset.meta.std).view(1, -1, 1, 1) \
         + torch.tensor(synset.meta.mean).view(1, -1, 1, 1)
     return (pixels - torch.tensor(dataset.mean).view(1, -1, 1, 1)) / torch.tensor(dataset.std).view(1, -1, 1, 1)
 
@@ -148,7 +149,7 @@ def audit_synthetic(synset: SyntheticSet, dataset: ImageDataset, *, threshold: f
     if synset.meta.dataset not in ("unknown", dataset.name):
         raise ValueError(f"the set was distilled from {synset.meta.dataset!r}, not {dataset.name!r}: "
                          f"audit it with --dataset {synset.meta.dataset}")
-    synset.validate(image_shape=dataset.image_shape, n_classes=dataset.n_classes)
+    synset = synset.validate(image_shape=dataset.image_shape, n_classes=dataset.n_classes).decode()
     device = resolve_device(device)
     real = dataset.train_images
     syn = normalised_images(synset, dataset)

@@ -70,7 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-real", type=int, default=None, help="DM: real images per class per iteration")
     p.add_argument("--init", default=None, choices=["real", "noise"], help="DM: start from real images or noise")
     p.add_argument("--no-dsa", action="store_true", help="DM: no differentiable siamese augmentation")
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
+    p.add_argument("--amp", action="store_true",
+                   help="bfloat16 autocast on CUDA too (on CPUs with native bf16 it is on by default)")
+    p.add_argument("--factor", type=int, default=None,
+                   help="multi-formation: every stored image holds FACTOR x FACTOR tiles, each a training image "
+                        "(dm, idm, dance; default 1 for dm, 2 for idm and dance)")
+    p.add_argument("--storage", default="float32", choices=["float32", "float16", "uint8"],
+                   help="how the images are stored (uint8: quantised with a per-channel scale; default float32)")
+    p.add_argument("--budget-seconds", type=float, default=None,
+                   help="stop iterating after this many seconds of wall time (checkpointed; --resume continues)")
     p.add_argument("--dp-epsilon", type=float, default=None,
                    help="DM: differentially private distillation spending at most this epsilon over the run "
                         "(starts from noise; spent epsilon and delta go to report.json)")
@@ -176,14 +184,16 @@ def cmd_distill(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{args.method}-{dataset.name}")
     wanted = {"iterations": args.iterations, "batch_real": args.batch_real, "init": args.init,
               "dsa": False if args.no_dsa else None, "amp": args.amp or None, "dp_epsilon": args.dp_epsilon,
-              "dp_delta": args.dp_delta, "dp_clip": args.dp_clip}
+              "dp_delta": args.dp_delta, "dp_clip": args.dp_clip, "factor": args.factor,
+              "budget_seconds": args.budget_seconds}
     accepted = accepted_options(args.method)
     _check_dp_flags(wanted, accepted, args.method)
     options = {k: v for k, v in wanted.items() if v is not None and k in accepted}
     options.update(_method_options(args.opt))
     distiller = create_distiller(args.method, model=args.model, model_cfg=_model_cfg(args), device=args.device,
                                  seed=args.seed, progress=True, checkpoint_dir=out,
-                                 checkpoint_every=args.checkpoint_every, resume=args.resume, **options)
+                                 checkpoint_every=args.checkpoint_every, resume=args.resume,
+                                 storage=args.storage, **options)
     print(f"distilling {dataset!r} with {args.method} ({args.ipc} images per class) on {distiller.device}")
     synset = distiller.distill(dataset.train_images, dataset.train_labels, ipc=args.ipc,
                                n_classes=dataset.n_classes, source=Source.of(dataset))
@@ -191,6 +201,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     synset.to_grid_png(out / "grid.png")
     report: dict[str, Any] = {"command": "distill", "method": args.method, "dataset": dataset.name,
                               "ipc": args.ipc, "n_images": len(synset), "nbytes": synset.nbytes,
+                              "factor": synset.meta.factor, "storage": synset.meta.storage,
+                              "n_training_images": len(synset.decode()),
                               "seed": args.seed, "device": str(distiller.device), "options": options,
                               "model": args.model, "model_cfg": _model_cfg(args), **synset.meta.extra}
     if args.eval_models > 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -85,3 +86,48 @@ def tune_cpu_allocator() -> bool:
     except (OSError, AttributeError):
         _ALLOCATOR_TUNED = False
     return _ALLOCATOR_TUNED
+
+
+class CompiledEmbedding:
+    """`net.embed(x)` as float32, under the bf16 autocast where `amp_enabled`, through one `torch.compile`d
+    functional call of a template network: every network of the template's architecture shares the compiled
+    kernels, because its parameters are inputs of the call, not constants.
+
+    Inductor fuses the elementwise passes between the convolutions (normalisation, activation, pooling), which
+    dominate a ConvNet forward on CPU once the convolutions run in bf16: about 2x faster for no-grad embeddings of
+    real batches.  If compilation fails (no C++ compiler, an unsupported op), it warns once and runs eagerly.
+    """
+
+    def __init__(self, template: torch.nn.Module, device: torch.device, amp: bool | None) -> None:
+        self.embedder, self.device, self.amp = _Embedder(template), device, amp
+        self.bf16 = amp_enabled(device, amp)  # decided once, outside the traced function
+        self._compiled = torch.compile(self._embed, dynamic=False)
+        self.failed = False
+
+    def _embed(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = torch.func.functional_call(self.embedder, params, (x,))
+        return out.float()
+
+    def __call__(self, net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if not self.failed:
+            try:
+                state = {**dict(net.named_parameters()), **dict(net.named_buffers())}
+                return self._compiled({f"net.{name}": t for name, t in state.items()}, x)
+            except Exception as err:  # noqa: BLE001 - any compiler failure falls back to the eager path
+                self.failed = True
+                warnings.warn(f"torch.compile of the embedding failed ({type(err).__name__}: {err}); "
+                              "running it eagerly", stacklevel=2)
+        with autocast(self.device, self.amp):
+            return net.embed(x).float()
+
+
+class _Embedder(torch.nn.Module):
+    """A module whose forward is `net.embed` (what `torch.func.functional_call` can call)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.embed(x)

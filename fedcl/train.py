@@ -205,14 +205,14 @@ class EvalResult:
 def evaluate_synthetic(synset: SyntheticSet, dataset: ImageDataset, *, model: str = "convnet",
                        model_cfg: dict | None = None, n_models: int = 3, config: TrainConfig = TrainConfig(),
                        device: str | torch.device = "auto", seed: int = 0, progress: bool = False) -> EvalResult:
-    """Train `n_models` fresh networks on `synset` and test each on `dataset`'s test split.
+    """Train `n_models` fresh networks on `synset`'s decoded training images and test each on `dataset`'s test split.
 
     A set with learned step sizes (`synset.lrs`, Dataset Distillation) is trained by replaying them
     (`train_with_learned_lrs`, `config` unused) on the architecture it was distilled for (`model` and `model_cfg`
     unused); one distilled for a fixed initialisation (meta.extra["init_mode"] == "fixed") starts every network
     from that initialisation (meta.extra["init_seed"]), one distilled over random initialisations from fresh ones.
     """
-    synset.validate(image_shape=dataset.image_shape, n_classes=dataset.n_classes)
+    synset = synset.validate(image_shape=dataset.image_shape, n_classes=dataset.n_classes).decode()
     model_cfg = dict(model_cfg or {})
     fixed_init = synset.lrs is not None and synset.meta.extra.get("init_mode") == "fixed"
     accuracies = []

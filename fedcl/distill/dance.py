@@ -2,7 +2,8 @@
 
 DANCE keeps DM's cheap objective and fixes what its random networks miss, with networks trained beforehand:
 
-1. **Expert pool** (`experts` networks, each trained `expert_steps` SGD steps on the real data before distillation;
+1. **Expert pool** (`experts` networks, each trained `expert_epochs` epochs' worth of SGD steps on the real data
+   before distillation;
    its initial and trained parameters are kept, as rows of a `NetworkPool`, so checkpoints carry them).
 2. **Pseudo long-term distribution alignment (inner-class view)**: every iteration draws an expert e and
    lambda ~ U(0, 1) and matches class-mean embeddings (DM's distance, DSA on both sides) through the network with
@@ -14,15 +15,16 @@ DANCE keeps DM's cheap objective and fixes what its random networks miss, with n
    value range after every step (the reference clamps to [0, 1] pixels), which also suits uint8 storage.
 
 Deviations from the reference code:
-- experts are trained for a number of SGD steps on uniformly drawn batches without augmentation (the reference
-  trains 20 networks for 60 epochs with its data augmentation); defaults fit CPU budgets (`experts=4`,
-  `expert_steps=400`);
+- experts are trained on uniformly drawn batches without augmentation (the reference trains 20 networks for 60
+  epochs with its data augmentation); defaults fit CPU budgets (`experts=4`, `expert_epochs=2`);
 - the calibration term joins the matching loss in one SGD step per iteration (the reference takes a separate step
   per class for each of `iter_calib` calibration rounds); all classes form one loss, as in fedcl's DM;
 - the cross-entropy is summed over classes (each class's mean), matching the scale of the per-class DM distance.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch.nn import functional as F
@@ -41,12 +43,12 @@ class DualViewDistributionAlignment(DistributionMatching):
 
     name = "dance"
 
-    def __init__(self, *, factor: int = 2, experts: int = 4, expert_steps: int = 400, expert_batch: int = 256,
+    def __init__(self, *, factor: int = 2, experts: int = 4, expert_epochs: float = 2.0, expert_batch: int = 256,
                  expert_lr: float = 0.01, calib_weight: float = 1.0, clamp: bool = True, **options) -> None:
         super().__init__(factor=factor, **options)
-        if experts < 1 or expert_steps < 0 or expert_batch < 1:
-            raise ValueError("DANCE needs experts >= 1, expert_steps >= 0 and expert_batch >= 1")
-        self.experts, self.expert_steps, self.expert_batch = experts, expert_steps, expert_batch
+        if experts < 1 or expert_epochs < 0 or expert_batch < 1:
+            raise ValueError("DANCE needs experts >= 1, expert_epochs >= 0 and expert_batch >= 1")
+        self.experts, self.expert_epochs, self.expert_batch = experts, expert_epochs, expert_batch
         self.expert_lr, self.calib_weight, self.clamp = expert_lr, calib_weight, clamp
 
     def pool_tensors(self, in_shape: tuple[int, int, int], n_classes: int) -> dict[str, torch.Tensor]:
@@ -63,12 +65,13 @@ class DualViewDistributionAlignment(DistributionMatching):
         if state.start > 0:
             return
         gen = torch.Generator().manual_seed(self.seed * 7919 + 17)
+        self._steps = math.ceil(self.expert_epochs * len(images) / self.expert_batch)
         for e in range(self.experts):
             net = self.new_model(*self._shape, self.seed * 7919 + e)
             self._starts.push(net)
-            accuracy = sgd_steps(net, images, labels, self.expert_steps, self.expert_batch, gen, lr=self.expert_lr,
+            accuracy = sgd_steps(net, images, labels, self._steps, self.expert_batch, gen, lr=self.expert_lr,
                                  momentum=0.9, weight_decay=5e-4, amp=self.amp)
-            self._trained.set(e, self._trained.flat.flatten(net), self.expert_steps)
+            self._trained.set(e, self._trained.flat.flatten(net), self._steps)
             self._trained.accuracy[e] = accuracy
         self._trained.pushed.fill_(self.experts)
 
@@ -95,5 +98,5 @@ class DualViewDistributionAlignment(DistributionMatching):
                 syn.copy_(torch.maximum(torch.minimum(syn, self._range[1]), self._range[0]))
 
     def describe(self) -> dict:
-        return {**super().describe(), "experts": self.experts, "expert_steps": self.expert_steps,
+        return {**super().describe(), "experts": self.experts, "expert_steps": int(self._trained.steps.max()),
                 "expert_accuracy": [round(float(a), 4) for a in self._trained.accuracy]}

@@ -27,7 +27,7 @@ from fedcl.data.sampling import ClassIndex
 from fedcl.distill.base import Distiller, DistillResult, ProgressCallback, register
 from fedcl.distill.functional import initial_images
 from fedcl.privacy import GaussianClassSums, PrivacyBudget, clip_rows, poisson_sample
-from fedcl.runtime import autocast
+from fedcl.runtime import CompiledEmbedding, autocast
 from fedcl.runtime import generator as make_generator
 from fedcl.synthetic import expand_tiles, pack_tiles
 
@@ -44,6 +44,8 @@ class DistributionMatching(Distiller):
     amp: bfloat16 autocast for the forward passes: None (default) on CPUs with native bf16 only, True also on
     CUDA, False never (`fedcl.runtime.amp_enabled`).
     chunk: real images per forward chunk (cache blocking; does not change the loss).
+    compile: embed the real chunks through `torch.compile` (`fedcl.runtime.CompiledEmbedding`, about 2x faster on
+    CPU after a one-off compilation of some seconds); None (default) turns it on for CPU runs of >= 200 iterations.
     dp_epsilon / dp_delta / dp_clip: differentially private distillation spending at most (dp_epsilon, dp_delta)
     over the whole run, with real embeddings clipped to L2 norm dp_clip (`fedcl.privacy.PrivacyBudget`); off
     (None) by default, which leaves the loop exactly as without these options.  Under DP the noise and sampling
@@ -61,8 +63,10 @@ class DistributionMatching(Distiller):
                  batch_real: int = 256, init: str | None = None, dsa: bool = True,
                  dsa_strategy: str = DEFAULT_STRATEGY, amp: bool | None = None, chunk: int = 256,
                  dp_epsilon: float | None = None, dp_delta: float = 1e-5, dp_clip: float | None = None,
-                 dp_keep_checkpoint: bool = False, **base) -> None:
+                 dp_keep_checkpoint: bool = False, compile: bool | None = None, **base) -> None:
         super().__init__(**base)
+        self.compile = self.device.type == "cpu" and iterations >= 200 if compile is None else bool(compile)
+        self._compiled = None
         self.privacy = None if dp_epsilon is None else PrivacyBudget(dp_epsilon, dp_delta, dp_clip)
         if self.privacy is not None and self.checkpoint_dir is not None:
             if not dp_keep_checkpoint:
@@ -200,6 +204,16 @@ class DistributionMatching(Distiller):
         syn_mean = group_sums(emb, syn_groups, n_groups) / group_counts(syn_groups, n_groups, emb.device)
         return ((real_mean - syn_mean) ** 2).sum(), emb, x
 
+    def real_embedding(self, net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings of a real chunk (no autograd): through the compiled embedding when `compile` is on."""
+        if self.compile:
+            if self._compiled is None:
+                self._compiled = CompiledEmbedding(self.new_model(tuple(x.shape[1:]), net_classes(net), self.seed),
+                                                   self.device, self.amp)
+            return self._compiled(net, x)
+        with autocast(self.device, self.amp):
+            return net.embed(x).float()
+
     @torch.no_grad()
     def real_class_means(self, net: torch.nn.Module, images: torch.Tensor, picks: torch.Tensor,
                          groups: torch.Tensor, draw, n_groups: int,
@@ -214,8 +228,7 @@ class DistributionMatching(Distiller):
             x = images[idx.to(self.device)]
             if draw is not None:
                 x = self.augment.apply(x, draw, grp)
-            with autocast(self.device, self.amp):
-                emb = net.embed(x.contiguous(memory_format=torch.channels_last)).float()
+            emb = self.real_embedding(net, x.contiguous(memory_format=torch.channels_last))
             if mechanism is not None:
                 emb = clip_rows(emb, mechanism.clip)
             sums = sums + group_sums(emb, grp, n_groups)
@@ -231,3 +244,8 @@ def group_sums(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> tor
 def group_counts(groups: torch.Tensor, n_groups: int, device: torch.device) -> torch.Tensor:
     """Members per group as a (n_groups, 1) float column (at least 1, to divide by)."""
     return torch.bincount(groups, minlength=n_groups).clamp(min=1).to(device).unsqueeze(1).float()
+
+
+def net_classes(net: torch.nn.Module) -> int:
+    """Number of classes of a network's classifier (its last linear layer)."""
+    return int(net.classifier.out_features)
