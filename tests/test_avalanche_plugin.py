@@ -12,8 +12,7 @@ pytest.importorskip("avalanche")
 from avalanche.benchmarks.utils.data_loader import ReplayDataLoader  # noqa: E402
 from avalanche.evaluation.metrics import accuracy_metrics  # noqa: E402
 from avalanche.training import Naive  # noqa: E402
-from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
-from avalanche.training.plugins import SupervisedPlugin  # noqa: E402
+from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin  # noqa: E402
 from test_avalanche_buffer import SoftLabelDistiller  # noqa: E402
 
 from fedcl.avalanche import DistilledReplayPlugin, make_benchmark  # noqa: E402
