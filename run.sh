@@ -13,9 +13,9 @@ setup() {
     if [ ! -x .venv/bin/python ]; then
         python3 -m venv .venv
     fi
-    if ! .venv/bin/python -c "import fedcl, strategies, flwr, avalanche, torchvision, pytest_timeout, hypothesis" 2>/dev/null \
+    if ! .venv/bin/python -c "import fedcl, strategies, flwr, avalanche, torchvision, pytest, pytest_timeout, hypothesis" 2>/dev/null \
         || [ pyproject.toml -nt .venv/.fedcl-installed ]; then
-        .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
+        .venv/bin/pip install -q --disable-pip-version-check -e ".[all,test]"
         touch .venv/.fedcl-installed
     fi
 }

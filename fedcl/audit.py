@@ -174,12 +174,34 @@ def audit_synthetic(synset: SyntheticSet, dataset: ImageDataset, *, threshold: f
 def closest_pairs_png(report: AuditReport, synset: SyntheticSet, dataset: ImageDataset,
                       path: str | os.PathLike[str], *, pairs: int = 8) -> Path:
     """A PNG of the `pairs` synthetic images closest to real ones (by the smaller ratio), each beside its nearest
-    real image, one pair per row (drawn by `SyntheticSet.to_grid_png`, one "class" per pair)."""
+    real image: one pair per row, labelled with the class, the train-set index and both ratios."""
+    from matplotlib.figure import Figure
+
+    from fedcl.files import save_figure
+
     order = torch.minimum(report.pixel_ratio, report.feature_ratio).argsort()[:pairs]
-    syn = normalised_images(synset, dataset)[order]
-    real = dataset.train_images[report.nearest_index[order]]
-    meta = SyntheticMeta(method="audit-pairs", n_classes=len(order), ipc=2, dataset=dataset.name,
+    meta = SyntheticMeta(method="audit-pairs", n_classes=dataset.n_classes, ipc=1, dataset=dataset.name,
                          mean=tuple(dataset.mean), std=tuple(dataset.std))
-    side_by_side = SyntheticSet(torch.stack([syn, real], dim=1).flatten(0, 1),
-                                torch.arange(len(order)).repeat_interleave(2), meta)
-    return side_by_side.to_grid_png(path)
+    syn = SyntheticSet(normalised_images(synset, dataset)[order], report.labels[order], meta).pixels()
+    real = SyntheticSet(dataset.train_images[report.nearest_index[order]], report.nearest_label[order], meta).pixels()
+    fig = Figure(figsize=(4.6, 1.5 * len(order) + 0.9))
+    axes = fig.subplots(len(order), 2, squeeze=False)
+    for row, i in enumerate(order.tolist()):
+        for col, image in enumerate((syn[row], real[row])):
+            ax = axes[row][col]
+            shown = image[0] if image.shape[0] == 1 else image.permute(1, 2, 0)
+            ax.imshow(shown.numpy(), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        flag = "  near-copy" if bool(report.flagged[i]) else ""
+        axes[row][0].set_ylabel(f"class {int(report.labels[i])}", fontsize=8)
+        axes[row][1].set_ylabel(f"train #{int(report.nearest_index[i])}", fontsize=8)
+        axes[row][1].yaxis.set_label_position("right")
+        axes[row][0].set_title(f"pixel {float(report.pixel_ratio[i]):.2f}, feature {float(report.feature_ratio[i]):.2f}"
+                               f"{flag}", fontsize=7, loc="left")
+    axes[0][0].set_title(f"synthetic\n{axes[0][0].get_title(loc='left')}", fontsize=8, loc="left")
+    axes[0][1].set_title("nearest real training image", fontsize=8)
+    fig.suptitle(f"{dataset.name}: the {len(order)} synthetic images closest to a real one\n"
+                 f"(distance / median real-to-real gap; near-copy below {report.threshold:g})", fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path)

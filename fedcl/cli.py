@@ -107,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="For every synthetic image, the distance to its nearest real training image "
                                    "(pixels and features of a fixed random ConvNet) relative to the median "
                                    "real-to-real nearest-neighbour distance; ratios below --threshold in either "
-                                   "space flag a near-copy.  Prints a per-class summary and writes OUT/audit.json "
-                                   "and OUT/audit_pairs.png (the closest pairs side by side).")
+                                   "space flag a near-copy.  Prints a per-class summary and writes "
+                                   "OUT/<set>.audit.json and OUT/<set>.audit_pairs.png (the closest pairs side by "
+                                   "side), named after the audited file.")
     p.add_argument("synset", help="path to a .safetensors synthetic set")
     _add_common(p)
     p.add_argument("--threshold", type=float, default=0.5,
@@ -117,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="real images whose nearest other real image sets the baseline (default 500)")
     p.add_argument("--out", default=None, help="output directory (default: the set's directory)")
 
-    p = sub.add_parser("show", help="write a PNG grid of a synthetic set's images")
+    p = sub.add_parser("show", help="write a PNG grid of a synthetic set's images",
+                       description="Write a PNG grid of a saved synthetic set's images, one row per class, in "
+                                   "pixel space (the set's normalisation undone), and print what the set holds.")
     p.add_argument("synset", help="path to a .safetensors synthetic set")
     p.add_argument("--out", default=None, help="PNG path (default: next to the set, grid.png)")
 
@@ -166,6 +169,16 @@ def _check_dp_flags(wanted: dict[str, Any], accepted: set[str], method: str) -> 
         raise ValueError(f"{', '.join(dp_flags)} need --dp-epsilon")
 
 
+def _check_ipc(ipc: int, labels: Any, dataset: str) -> None:
+    """Raise ValueError unless 1 <= ipc <= the size of the smallest class of the training split."""
+    import torch
+
+    smallest = int(torch.bincount(torch.as_tensor(labels)).min())
+    if not 1 <= ipc <= smallest:
+        raise ValueError(f"--ipc {ipc} is impossible: the smallest class of {dataset} has {smallest} training "
+                         f"images; choose 1 to {smallest}")
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     from fedcl.distill import available_distillers
 
@@ -181,6 +194,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     distiller_class(args.method)  # fail fast on an unknown name
     args.model = args.model or default_model(args.method)
     dataset = load_dataset(args.dataset, args.data_root, args.download)
+    _check_ipc(args.ipc, dataset.train_labels, dataset.name)
     out = Path(args.out or f"runs/{args.method}-{dataset.name}")
     wanted = {"iterations": args.iterations, "batch_real": args.batch_real, "init": args.init,
               "dsa": False if args.no_dsa else None, "amp": args.amp or None, "dp_epsilon": args.dp_epsilon,
@@ -244,12 +258,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
     report = audit_synthetic(synset, dataset, threshold=args.threshold, real_sample=args.real_sample,
                              seed=args.seed, device=args.device)
     out = Path(args.out) if args.out else Path(args.synset).parent
-    write_json(out / "audit.json", {"synset": str(args.synset), "dataset": dataset.name, "method": synset.meta.method,
-                                    "seed": args.seed, **report.to_dict()})
-    closest_pairs_png(report, synset, dataset, out / "audit_pairs.png")
+    stem = Path(args.synset).name.removesuffix(".safetensors")  # one report per set, even in a shared folder
+    json_path, png_path = out / f"{stem}.audit.json", out / f"{stem}.audit_pairs.png"
+    write_json(json_path, {"synset": str(args.synset), "dataset": dataset.name, "method": synset.meta.method,
+                           "seed": args.seed, **report.to_dict()})
+    closest_pairs_png(report, synset, dataset, png_path)
     print(report.table())
-    print(f"flagged={int(report.flagged.sum())} of {len(synset)}; wrote {out / 'audit.json'}, "
-          f"{out / 'audit_pairs.png'}")
+    print(f"flagged={int(report.flagged.sum())} of {len(synset)}; wrote {json_path}, {png_path}")
     return 0
 
 

@@ -418,8 +418,9 @@ class SyntheticSet:
         return (self.float_images().detach().cpu() * std + mean).clamp(0, 1)
 
     def to_grid_png(self, path: str | os.PathLike[str], *, min_side: int = 32) -> Path:
-        """Write a PNG grid of the images, one row per class (sorted by label), upscaled to `min_side` pixels."""
-        from PIL import Image
+        """Write a PNG grid of the images, one row per class (sorted by label; a class of more than 50 images
+        wraps), upscaled to `min_side` pixels, each class's first row labelled with the class on the left."""
+        from PIL import Image, ImageDraw
         from torchvision.utils import make_grid
 
         order = torch.argsort(self.hard_labels.cpu(), stable=True)
@@ -428,10 +429,19 @@ class SyntheticSet:
         if scale > 1:
             pixels = torch.nn.functional.interpolate(pixels, scale_factor=scale, mode="nearest")
         counts = torch.bincount(self.hard_labels.cpu())
-        nrow = int(counts.max()) if len(self) > 1 else 1
-        grid = make_grid(pixels, nrow=max(1, min(nrow, 50)), padding=2, pad_value=1.0)
+        nrow = max(1, min(int(counts.max()), 50))
+        blocks, rows = [], {}  # each class padded with blank tiles to whole rows, so every class starts a row
+        for label, block in zip(counts.nonzero().flatten().tolist(), pixels.split(counts[counts > 0].tolist())):
+            rows[label] = sum(len(b) for b in blocks) // nrow
+            blocks.append(torch.cat([block, block.new_ones(-len(block) % nrow, *block.shape[1:])]))
+        grid = make_grid(torch.cat(blocks), nrow=nrow, padding=2, pad_value=1.0)
         array = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-        image = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array[..., :3])
+        tile, margin = pixels.shape[2] + 2, 8 + 7 * len(str(max(rows)))
+        image = Image.new("L" if array.shape[2] == 1 else "RGB", (array.shape[1] + margin, array.shape[0]), "white")
+        image.paste(Image.fromarray(array[..., 0] if array.shape[2] == 1 else array[..., :3]), (margin, 0))
+        draw = ImageDraw.Draw(image)
+        for label, row in rows.items():
+            draw.text((3, 2 + row * tile + tile // 2 - 6), str(label), fill="black")
         path = Path(path)
         atomic_write(path, lambda f: image.save(f, format="PNG"))
         return path

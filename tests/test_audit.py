@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from fedcl.audit import audit_synthetic, nearest_neighbours
 from fedcl.cli import main
@@ -65,11 +66,26 @@ def test_cli_audit_prints_summary_and_writes_json(tmp_path, capsys, digits):
     assert main(["audit", str(path), "--dataset", "digits", "--real-sample", "100", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "pixel min" in printed and "flagged=20 of 20" in printed
-    audit = json.loads((tmp_path / "audit.json").read_text())
+    audit = json.loads((tmp_path / "copies.audit.json").read_text())  # named after the audited set
     assert audit["n_flagged"] == 20 and audit["threshold"] == 0.5 and len(audit["images"]) == 20
-    assert (tmp_path / "audit_pairs.png").stat().st_size > 0
+    with Image.open(tmp_path / "copies.audit_pairs.png") as picture:
+        assert picture.width >= 400 and picture.height >= 8 * 120  # eight labelled pairs, readable
+    assert not (tmp_path / "audit.json").exists()
+    assert f"wrote {tmp_path / 'copies.audit.json'}, {tmp_path / 'copies.audit_pairs.png'}" in printed
     other = SyntheticSet(torch.zeros(2, 1, 28, 28), torch.tensor([0, 1]),
                          SyntheticMeta(method="x", n_classes=10, ipc=1, dataset="fashion-mnist"))
     other.save(tmp_path / "fm.safetensors")
     assert main(["audit", str(tmp_path / "fm.safetensors"), "--dataset", "digits"]) == 2
     assert "--dataset fashion-mnist" in capsys.readouterr().err
+
+
+def test_two_sets_audited_into_one_folder_keep_their_own_reports(tmp_path, digits):
+    for name, picks in [("first", torch.arange(10)), ("second", torch.arange(10, 30))]:
+        _set(digits.train_images[picks], digits.train_labels[picks], digits, name).save(tmp_path / f"{name}.safetensors")
+        assert main(["audit", str(tmp_path / f"{name}.safetensors"), "--dataset", "digits", "--real-sample", "50",
+                     "--device", "cpu", "--out", str(tmp_path / "audits")]) == 0
+    reports = {name: json.loads((tmp_path / "audits" / f"{name}.audit.json").read_text()) for name in ("first", "second")}
+    assert [len(r["images"]) for r in reports.values()] == [10, 20]
+    assert reports["first"]["synset"].endswith("first.safetensors")
+    assert sorted(p.name for p in (tmp_path / "audits").iterdir()) == [
+        "first.audit.json", "first.audit_pairs.png", "second.audit.json", "second.audit_pairs.png"]

@@ -10,8 +10,9 @@ import torch
 pytest.importorskip("avalanche")
 
 from avalanche.benchmarks.utils.data_loader import ReplayDataLoader  # noqa: E402
+from avalanche.evaluation.metrics import accuracy_metrics  # noqa: E402
 from avalanche.training import Naive  # noqa: E402
-from avalanche.training.plugins import SupervisedPlugin  # noqa: E402
+from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin  # noqa: E402
 from test_avalanche_buffer import SoftLabelDistiller  # noqa: E402
 
 from fedcl.avalanche import DistilledReplayPlugin, make_benchmark  # noqa: E402
@@ -31,11 +32,23 @@ class Spy(SupervisedPlugin):
         self.recorded.append((type(strategy.dataloader), type(strategy._criterion)))
 
 
-def _naive(plugin: DistilledReplayPlugin, recorded: list) -> Naive:
+def _naive(plugin: DistilledReplayPlugin, recorded: list, evaluator=None) -> Naive:
     model = create_model("convnet", (1, 8, 8), 10, width=8)
     return Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
                  criterion=torch.nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=1, eval_mb_size=256,
-                 device="cpu", plugins=[plugin, Spy(recorded)], evaluator=None)
+                 device="cpu", plugins=[plugin, Spy(recorded)], evaluator=evaluator)
+
+
+def _stream_accuracy(model: torch.nn.Module, stream) -> float:
+    """Accuracy of `model` over every sample of an Avalanche stream, computed here without Avalanche's metrics."""
+    correct = total = 0
+    model.eval()
+    with torch.no_grad():
+        for experience in stream:
+            for x, y, *_ in torch.utils.data.DataLoader(experience.dataset, batch_size=512):
+                correct += int((model(x).argmax(dim=1) == y).sum())
+                total += len(y)
+    return correct / total
 
 
 @pytest.mark.slow
@@ -44,7 +57,8 @@ def test_plugin_runs_inside_naive_on_split_digits():
     plugin = DistilledReplayPlugin(mem_size=20, distiller="dm", source=benchmark.source,
                                    distiller_options={"iterations": 2, "batch_real": 8, "model_cfg": {"width": 8}})
     recorded: list = []
-    strategy = _naive(plugin, recorded)
+    evaluator = EvaluationPlugin(accuracy_metrics(stream=True), loggers=[])
+    strategy = _naive(plugin, recorded, evaluator)
     seen = []
     for exp in benchmark.scenario.train_stream:
         strategy.train(exp)
@@ -55,7 +69,11 @@ def test_plugin_runs_inside_naive_on_split_digits():
     assert all(loader is ReplayDataLoader for loader, _ in recorded[1:])
     assert [h["ipc"] for h in plugin.buffer.history] == [10, 5, 3, 2, 2]
     assert plugin.buffer.sets[0].meta.method == "dm" and plugin.buffer.sets[0].meta.dataset == "digits"
-    strategy.eval(benchmark.scenario.test_stream)  # evaluation after replay training runs too
+    memory = plugin.buffer.buffer
+    results = strategy.eval(benchmark.scenario.test_stream)  # evaluation after replay training runs too
+    accuracy = results["Top1_Acc_Stream/eval_phase/test_stream/Task000"]
+    assert accuracy == pytest.approx(_stream_accuracy(strategy.model, benchmark.scenario.test_stream))
+    assert plugin.buffer.buffer is memory and len(memory) <= 20  # evaluation leaves the memory alone
 
 
 @pytest.mark.slow
@@ -89,8 +107,11 @@ def test_cl_command_writes_results_csv(tmp_path, capsys):
     assert code == 0
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["strategy"] for r in rows] == ["naive", "replay", "herding", "distilled", "joint"]
-    for row in rows:
-        assert 0.0 <= float(row["final_accuracy"]) <= 1.0
+    for row in rows[:4]:  # the final average accuracy is the one measured after the last experience
+        assert float(row["final_accuracy"]) == pytest.approx(float(row["acc_after_exp4"]))
+    assert float(rows[4]["final_accuracy"]) == pytest.approx(float(rows[4]["acc_after_exp0"]))  # joint: one step
+    # every memory changes what is learnt once there is something to replay: no two rows agree after experience 1
+    assert len({row["acc_after_exp1"] for row in rows[:4]}) == 4
     assert float(rows[3]["distill_seconds_per_exp"]) > 0
     assert (out / "accuracy.png").stat().st_size > 1000
     assert "final average accuracy" in capsys.readouterr().out

@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from PIL import Image
 
 from fedcl.cli import main
-from fedcl.synthetic import SyntheticSet
+from fedcl.synthetic import SyntheticMeta, SyntheticSet
 
 FEDCL = str(Path(sys.executable).with_name("fedcl"))
 
@@ -62,12 +64,43 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
     assert "dm" in capsys.readouterr().out.split()
 
 
+@pytest.mark.parametrize("ipc", ["0", "123", "100000"])  # digits' smallest class has 122 training images
+def test_an_impossible_ipc_is_one_clear_line(tmp_path, capsys, ipc):
+    out = tmp_path / "x"
+    assert main(["distill", "--dataset", "digits", "--method", "dm", "--ipc", ipc, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith(f"fedcl distill: error: --ipc {ipc} is impossible") and "choose 1 to 122" in err
+    assert not out.exists()  # refused before anything ran
+
+
+def test_the_largest_possible_ipc_is_accepted(tmp_path):
+    assert main(["distill", "--dataset", "digits", "--method", "random", "--ipc", "122", "--out", str(tmp_path)]) == 0
+    assert len(SyntheticSet.load(tmp_path / "synthetic.safetensors")) == 1220
+
+
+def test_show_labels_each_class_row_of_the_grid(tmp_path, capsys):
+    labels = torch.tensor([0, 0, 0, 2, 5, 5])  # uneven classes: each still starts its own row
+    SyntheticSet(torch.zeros(6, 1, 8, 8), labels, SyntheticMeta(method="x", n_classes=10, ipc=3, dataset="digits")
+                 ).save(tmp_path / "s.safetensors")
+    assert main(["show", str(tmp_path / "s.safetensors"), "--out", str(tmp_path / "g.png")]) == 0
+    assert "6 images, 3 classes" in capsys.readouterr().out
+    with Image.open(tmp_path / "g.png") as picture:
+        grid = torch.tensor(list(picture.convert("L").getdata()), dtype=torch.uint8).view(picture.height, -1)
+    tile = 32 + 2
+    assert grid.shape == (2 + 3 * tile, 8 + 7 + 2 + 3 * tile)  # a label margin, three rows of three tiles
+    margin = grid[:, :15]
+    for row in range(3):  # each row's label is drawn in the margin, beside its row
+        assert int((margin[2 + row * tile: 2 + (row + 1) * tile] < 128).sum()) > 5, row
+
+
 def test_help_explains_every_command():
     done = run("--help")
     assert done.returncode == 0
     for command in ("distill", "evaluate", "show", "demo"):
         assert command in done.stdout
     assert "--iterations" in run("distill", "--help").stdout
+    assert "one row per class" in run("show", "--help").stdout  # a description, not just the usage line
 
 
 @pytest.mark.slow

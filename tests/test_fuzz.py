@@ -312,10 +312,23 @@ def test_random_traffic_logs_are_a_value_error(data):
 
 @FUZZ
 @given(config=st.dictionaries(st.sampled_from(["num-rounds", "screen", "alpha", "resume", "ipc", "memory",
-                                               "strategy", "seed", "other"]), JSON, max_size=5))
+                                               "strategy", "seed", "other"]),
+                              st.one_of(JSON, st.integers(0, 50), st.floats(0.01, 10.0), st.booleans(),
+                                        st.sampled_from(["fedavg", "fed-distill", "hybrid", "all", "latest", "none",
+                                                         "embedding"])), max_size=5))
 @example(config={"num-rounds": float("inf")})  # once an OverflowError, found by this test
+@example(config={"num-rounds": 3, "seed": 7, "alpha": 0.25, "ipc": 4, "strategy": "hybrid"})  # parses: every value kept
 def test_random_run_configs_are_a_value_error(config):
     try:
-        FedSettings.from_config(config)
+        parsed = FedSettings.from_config(config)
     except ValueError:
-        pass
+        return
+    defaults, read = FedSettings().to_config(), parsed.to_config()
+    for key, default in defaults.items():
+        assert type(read[key]) is type(default), (key, read[key])  # every value has its field's type
+        if key not in config:
+            assert read[key] == default, key  # keys it was not given keep their defaults
+    for key in config.keys() & defaults.keys():
+        if isinstance(config[key], type(defaults[key])) and config[key] == config[key]:  # (NaN is not)
+            assert read[key] == config[key], key  # a value of the right type is taken as given
+    assert FedSettings.from_config(read).to_config() == pytest.approx(read, nan_ok=True)  # and reads back the same

@@ -83,12 +83,24 @@ def test_replaying_learned_lrs_retraces_the_distillers_unroll(digits, model, cfg
 
 
 def test_dd_set_from_a_file_trains_from_its_known_init(digits, tmp_path):
-    _, synset = _distill("dd", digits, iterations=3, steps=4)
+    """A saved and reloaded fixed-init DD set rebuilds the initialisation it was distilled for and retraces the
+    in-memory set's training exactly; its learned steps lower the loss from there, and another init does not
+    start where the known one does."""
+    distiller, synset = _distill("dd", digits, iterations=3, steps=4)
     loaded = SyntheticSet.load(synset.save(tmp_path / "dd.safetensors"))
     torch.testing.assert_close(loaded.lrs, synset.lrs)
-    net = create_distiller("dd", **SMALL).new_model(digits.image_shape, 10, loaded.meta.extra["init_seed"])
+    fresh = create_distiller("dd", **SMALL)
+
+    reference = distiller.new_model(digits.image_shape, 10, synset.meta.extra["init_seed"])
+    expected = train_with_learned_lrs(reference, synset.images, synset.labels, synset.lrs, device="cpu")
+    net = fresh.new_model(digits.image_shape, 10, loaded.meta.extra["init_seed"])
     losses = train_with_learned_lrs(net, loaded.images, loaded.labels, loaded.lrs, device="cpu")
-    assert len(losses) == 4
+    assert len(losses) == 4 and losses == pytest.approx(expected, rel=1e-6)
+    for trained, ref in zip(net.parameters(), reference.parameters()):
+        torch.testing.assert_close(trained, ref)
+    assert losses[-1] < losses[0]
+    other = fresh.new_model(digits.image_shape, 10, loaded.meta.extra["init_seed"] + 1)
+    assert train_with_learned_lrs(other, loaded.images, loaded.labels, loaded.lrs, device="cpu")[0] != losses[0]
 
 
 def test_dd_random_init_and_learned_labels(digits):
@@ -96,7 +108,10 @@ def test_dd_random_init_and_learned_labels(digits):
     assert synset.soft_labels and synset.labels.dtype == torch.float32
     torch.testing.assert_close(synset.labels.sum(dim=1), torch.ones(10))
     assert synset.meta.extra["init_seed"] is None
-    assert 0.0 <= evaluate_synthetic(synset, digits, model_cfg={"width": 8}, n_models=1).mean <= 1.0
+    result = evaluate_synthetic(synset, digits, model_cfg={"width": 8}, n_models=2)
+    assert result.model == "mlp"  # the network the set records (DD's MLP)
+    assert len(result.accuracies) == 2 and result.mean == pytest.approx(sum(result.accuracies) / 2)
+    assert result.accuracies[0] != result.accuracies[1]  # random init: each network starts from its own draw
 
 
 def test_mtt_lowers_its_loss_and_reuses_saved_experts(digits, tmp_path):
