@@ -14,6 +14,7 @@ from fedcl.avalanche.buffer import DistilledBuffer, truncate  # noqa: E402
 from fedcl.avalanche.plugin import SoftReplayLoss, fit_columns  # noqa: E402
 from fedcl.data import ClassIndex, load_dataset  # noqa: E402
 from fedcl.distill.base import Distiller, DistillResult  # noqa: E402
+from fedcl.memory import class_key  # noqa: E402
 from fedcl.runtime import generator  # noqa: E402
 from fedcl.synthetic import SyntheticSetError  # noqa: E402
 
@@ -63,8 +64,8 @@ def test_resizing_redistils_old_sets_with_dm(digits_stream):
     options = {"iterations": 2, "batch_real": 8, "model_cfg": {"width": 8}}
     buffer = DistilledBuffer(8, distiller="dm", distiller_options=options)
     _fill(buffer, digits_stream, upto=2)
-    first = buffer.sets[0]
-    assert first.meta.method == "dm" and first.meta.ipc == 2 and len(first) == 4
+    first = buffer.sets[class_key(0, digits_stream.train_stream[0].classes_in_this_experience[0])]
+    assert first.meta.method == "dm" and first.meta.ipc == 2 and len(first) == 2
     buffer.resize(AGENT, 4)
     assert len(buffer.buffer) == 4 and buffer.seen_classes() == [1, 4, 5, 7]
 
@@ -74,11 +75,13 @@ def test_images_per_class_budget_grows_with_classes(digits_stream):
     assert _fill(buffer, digits_stream, upto=3) == [6, 12, 18]
 
 
-def test_budget_too_small_for_the_classes_is_a_clear_error(digits_stream):
+def test_budget_below_the_classes_keeps_the_most_recent_ones(digits_stream):
     buffer = DistilledBuffer(3, distiller="random")
     buffer.post_adapt(AGENT, digits_stream.train_stream[0])
-    with pytest.raises(ValueError, match="cannot keep one image"):
-        buffer.post_adapt(AGENT, digits_stream.train_stream[1])
+    buffer.post_adapt(AGENT, digits_stream.train_stream[1])
+    first, second = (e.classes_in_this_experience for e in list(digits_stream.train_stream)[:2])
+    assert len(buffer.buffer) == 3
+    assert buffer.seen_classes() == sorted([max(first), *second])  # the older experience's smaller class goes
 
 
 def test_invalid_budgets_are_refused():
