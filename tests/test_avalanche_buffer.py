@@ -165,3 +165,17 @@ def test_permuted_scenario_repeats_classes_with_new_pixel_orders():
     order = torch.randperm(64, generator=generator(1))
     assert torch.equal(permute_pixels(dataset.train_images[:2], order).flatten(1), dataset.train_images[:2].flatten(1)[:, order])
     assert LabelledTensors(dataset.train_images[:3], dataset.train_labels[:3]).targets == dataset.train_labels[:3].tolist()
+
+
+def test_experience_keyed_memory_keeps_permuted_domains_apart():
+    scenario = permuted_scenario(load_dataset("digits"), 3, seed=0)
+    by_experience = DistilledBuffer(30, distiller="random", key="experience")
+    by_class = DistilledBuffer(30, distiller="random")
+    for exp in scenario.train_stream:
+        by_experience.post_adapt(AGENT, exp)
+        by_class.post_adapt(AGENT, exp)
+    assert sorted(by_experience.sets) == [0, 1, 2] and len(by_experience.buffer) == 30
+    assert [h["ipc"] for h in by_experience.history] == [3, 1, 1]
+    assert sorted(by_class.sets) == [class_key(0, c) for c in range(10)] and len(by_class.buffer) == 30
+    with pytest.raises(ValueError, match="key must be"):
+        DistilledBuffer(10, key="task")

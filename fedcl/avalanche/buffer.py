@@ -20,6 +20,10 @@ tensor - the layout of Avalanche's classification datasets.  Dictionary samples 
 of tensors in the image slot) are refused with a TypeError naming the supported layout, before the first
 experience trains when the buffer is used through DistilledReplayPlugin.
 
+`key="experience"` keeps the earlier layout instead - one set per experience (an online experience's origin
+experience), distilled from that experience's data alone - for domain-incremental streams that reuse the class ids
+under one task label (permuted-fmnist), where one set per class would blend the domains into the same images.
+
 The memory replays through Avalanche's loaders as an AvalancheDataset of (image, label, task label) samples in the
 same layout as the experience's own samples.  Soft labels (from learned-label distillers) are kept beside it in
 `soft_targets()`; `DistilledReplayPlugin` uses them in the loss.  `save(dir)` / `load(dir)` write and read the
@@ -44,7 +48,9 @@ from torch.utils.data import DataLoader
 from fedcl.distill.base import Distiller, Source, create_distiller
 from fedcl.memory import COMPRESSIONS, DistilledMemory, truncate
 
-__all__ = ["COMPRESSIONS", "DistilledBuffer", "check_layout", "dataset_tensors", "experience_tensors", "memory_dataset",
+#: How the memory is keyed: one set per (task label, class), or one per experience.
+KEYS = ("class", "experience")
+__all__ = ["COMPRESSIONS", "KEYS", "DistilledBuffer", "check_layout", "dataset_tensors", "experience_tensors", "memory_dataset",
            "strategy_device", "truncate"]
 
 
@@ -60,6 +66,8 @@ class DistilledBuffer(ExemplarsBuffer):
         (the first images of each class).
     update_iterations: distillation iterations when a class already in memory reappears, warm-started from its
         images (default: a tenth of the distiller's iterations, at least 1).
+    key: "class" (default: one set per task label and class, updated as classes reappear) or "experience" (one
+        set per experience, replaced when the experience comes again; one task label per experience).
     source: name and normalisation of the real data, copied into the sets' metadata (what `to_grid_png` needs).
     n_classes: label space of the stream (default: the scenario's, else the largest label seen + 1).
     """
@@ -67,9 +75,12 @@ class DistilledBuffer(ExemplarsBuffer):
     def __init__(self, max_size: int | None = None, *, images_per_class: int | None = None,
                  distiller: str | Distiller = "dm", distiller_options: dict[str, Any] | None = None,
                  compress: str = "redistill", update_iterations: int | None = None, source: Source | None = None,
-                 n_classes: int | None = None, seed: int = 0, progress: bool = False) -> None:
+                 n_classes: int | None = None, key: str = "class", seed: int = 0, progress: bool = False) -> None:
         if update_iterations is not None and update_iterations < 1:
             raise ValueError(f"update_iterations must be >= 1, got {update_iterations}")
+        if key not in KEYS:
+            raise ValueError(f"key must be one of {KEYS}, got {key!r}")
+        self.key = key
         self.memory = DistilledMemory(max_size, images_per_class=images_per_class, compress=compress, seed=seed)
         if isinstance(distiller, Distiller) and distiller_options:
             raise ValueError("distiller_options only apply to a distiller given by name")
@@ -83,7 +94,8 @@ class DistilledBuffer(ExemplarsBuffer):
     # ------------------------------------------------------------------ what is in memory
     @property
     def sets(self) -> dict[int, Any]:
-        """Key (`fedcl.memory.class_key(task label, class)`) -> that class's distilled SyntheticSet."""
+        """Key -> distilled SyntheticSet: `fedcl.memory.class_key(task label, class)` -> that class's set, or
+        with key="experience" experience id -> that experience's set."""
         return self.memory.sets
 
     @property
@@ -123,8 +135,14 @@ class DistilledBuffer(ExemplarsBuffer):
         images, labels, tasks = experience_tensors(exp)
         if len(labels) == 0:
             return
-        self.memory.absorb(images, labels, self._distiller_for(agent_state), n_classes=self._label_space(exp, labels),
-                           tasks=tasks, source=self.source, update_iterations=self.update_iterations)
+        distiller, n_classes = self._distiller_for(agent_state), self._label_space(exp, labels)
+        if self.key == "class":
+            self.memory.absorb(images, labels, distiller, n_classes=n_classes, tasks=tasks, source=self.source,
+                               update_iterations=self.update_iterations)
+        else:
+            origin = getattr(exp, "origin_experience", exp)
+            self.memory.add(int(origin.current_experience), images, labels, distiller, n_classes=n_classes,
+                            source=self.source, task=single_task(tasks))
         self.label_as_tensor = isinstance(exp.dataset[0][1], torch.Tensor)
         self._rebuild()
 
@@ -199,6 +217,15 @@ def experience_tensors(exp: Any, batch_size: int = 1024) -> tuple[torch.Tensor, 
     task_labels = getattr(exp.dataset, "targets_task_labels", None)
     tasks = torch.zeros_like(labels) if task_labels is None else torch.as_tensor(list(task_labels), dtype=torch.long)
     return images, labels, tasks
+
+
+def single_task(tasks: torch.Tensor) -> int:
+    """The one task label of an experience's samples; an error naming key="class" when they mix several."""
+    found = torch.unique(tasks).tolist()
+    if len(found) != 1:
+        raise ValueError(f"the experience mixes task labels {found}; key='experience' needs one task label per "
+                         "experience (key='class' keeps one set per task label and class)")
+    return int(found[0])
 
 
 def strategy_device(agent_state: Any) -> torch.device | str:

@@ -39,6 +39,7 @@ class DistilledReplayPlugin(ReplayPlugin):
     distiller_options: options for a distiller given by name (e.g. {"iterations": 500, "model_cfg": {...}}).
     compress: "redistill" | "herding" | "truncate": how older sets shrink when new classes arrive.
     update_iterations: distillation iterations for a class already in memory that reappears (see DistilledBuffer).
+    key: "class" (one set per task label and class) or "experience" (one per experience; see DistilledBuffer).
     batch_size / batch_size_mem / task_balanced_dataloader: as Avalanche's ReplayPlugin.
     source, n_classes, seed, progress: see DistilledBuffer.
     """
@@ -48,11 +49,11 @@ class DistilledReplayPlugin(ReplayPlugin):
                  compress: str = "redistill", update_iterations: int | None = None,
                  batch_size: int | None = None, batch_size_mem: int | None = None,
                  task_balanced_dataloader: bool = False, source: Source | None = None, n_classes: int | None = None,
-                 seed: int = 0, progress: bool = False) -> None:
+                 key: str = "class", seed: int = 0, progress: bool = False) -> None:
         buffer = DistilledBuffer(mem_size, images_per_class=images_per_class, distiller=distiller,
                                  distiller_options=distiller_options, compress=compress,
                                  update_iterations=update_iterations, source=source,
-                                 n_classes=n_classes, seed=seed, progress=progress)
+                                 n_classes=n_classes, key=key, seed=seed, progress=progress)
         super().__init__(mem_size=mem_size, batch_size=batch_size, batch_size_mem=batch_size_mem,
                          task_balanced_dataloader=task_balanced_dataloader, storage_policy=buffer)
         self._original_criterion = None
