@@ -1,10 +1,19 @@
 """DistilledMemory: a replay memory of distilled data under a fixed budget - the one implementation of its logic.
 
-One SyntheticSet per key (an Avalanche experience, a federated client's task).  Adding a key distils its data into
-`ipc` synthetic images per class.  Two budgets:
+One SyntheticSet per key.  Two ways to fill it:
+- `add(key, ...)` distils a whole group (a federated client's task) into the set held under `key`;
+- `absorb(...)` keys the memory by class (key `class_key(task, class)`, one set per task label and class), for
+  streams whose classes reappear (Avalanche experiences, online streams of small experiences): a new class is
+  distilled from its samples, a class already held is updated, warm-started from its own images, in a few
+  iterations (see `absorb`), so the cost of an experience does not grow with the length of the stream.
+
+Two budgets:
 - `max_size` (total images): ipc = max_size // (classes held, counted once per key), so ipc shrinks as classes
   arrive and the sets already held are compressed to the new ipc - re-distilled from their own synthetic images
-  (default), herded or truncated within them - never dropped, so every class seen stays represented;
+  (default), herded or truncated within them.  While the budget holds one image per class every class seen stays
+  represented.  Past that (more classes than `max_size`) the memory keeps one image for each of the `max_size`
+  most recently updated classes and drops the others (`fit_budget`; ties go by key, then class id, smaller
+  first), so the memory never exceeds its budget and never stops a run;
 - `images_per_class`: a fixed ipc; the memory grows by that many images per new class.
 
 A held set may carry soft labels (a distribution per image, e.g. a model's predictions recorded by `relabel`);
@@ -18,6 +27,7 @@ for Avalanche; the federated continual client (`fedcl.flower.continual_client`) 
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import replace
@@ -28,11 +38,16 @@ import torch
 
 from fedcl.distill.base import Distiller, Source, create_distiller
 from fedcl.files import atomic_write
-from fedcl.synthetic import SyntheticSet, SyntheticSetError
+from fedcl.synthetic import MAX_CLASSES, SyntheticSet, SyntheticSetError
 from fedcl.train import common_labels
 
 COMPRESSIONS = ("redistill", "herding", "truncate")
 INDEX_FILE = "memory.json"
+#: At most this many real samples are stood for by a held class's images when the class is updated (`absorb`):
+#: the weight of the past is absorbed / (absorbed + new) up to this cap, an exponential moving average after it.
+HISTORY = 512
+#: What a set's metadata records about its place in memory; kept when the set is compressed or updated.
+BOOKKEEPING = ("task_label", "step", "absorbed")
 
 
 class DistilledMemory:
@@ -56,8 +71,11 @@ class DistilledMemory:
         self.max_size, self.images_per_class = max_size, images_per_class
         self.compress, self.seed = compress, int(seed)
         self.sets: dict[int, SyntheticSet] = {}
-        #: One record per `add`: the key, its ipc, the memory size after it, seconds distilling and compressing.
+        #: One record per `add` / `absorb`: the key or step, the ipc, the memory size after it, seconds distilling
+        #: and compressing.
         self.history: list[dict[str, Any]] = []
+        #: Counts `add` / `absorb` calls; every set records the step that last updated it (the eviction order).
+        self.step = 0
 
     # ------------------------------------------------------------------ what is held
     def __len__(self) -> int:
@@ -72,14 +90,11 @@ class DistilledMemory:
         return sorted({c for s in self.sets.values() for c in s.classes()})
 
     def ipc_for(self, n_groups: int) -> int:
-        """Images per class for `n_groups` classes under the budget; an error if the budget cannot hold them."""
+        """Images per class for `n_groups` classes under the budget: max_size // n_groups, at least 1.  With more
+        classes than `max_size`, `fit_budget` then drops the least recently updated ones."""
         if self.images_per_class is not None:
             return self.images_per_class
-        ipc = self.max_size // max(1, n_groups)
-        if ipc < 1:
-            raise ValueError(f"a memory of {self.max_size} images cannot keep one image for each of {n_groups} "
-                             "classes seen; raise the memory size or give images_per_class")
-        return ipc
+        return max(1, self.max_size // max(1, n_groups))
 
     def capacity(self) -> int:
         """The most images the budget allows for the classes held now."""
@@ -130,11 +145,91 @@ class DistilledMemory:
         compress_seconds = time.perf_counter() - start
         start = time.perf_counter()
         synset = distiller.distill(images, labels, ipc=ipc, n_classes=n_classes, source=source or Source())
-        self.sets[int(key)] = tagged(synset, task)
+        self.step += 1
+        self.sets[int(key)] = recorded(synset, task=task, step=self.step, absorbed=len(labels))
+        self.fit_budget()
         self.history.append({"key": int(key), "ipc": ipc, "n_images": len(self),
                              "distill_seconds": round(time.perf_counter() - start, 3),
                              "compress_seconds": round(compress_seconds, 3)})
-        return self.sets[int(key)]
+        return self.sets.get(int(key), synset)
+
+    def absorb(self, images: torch.Tensor, labels: torch.Tensor, distiller: Distiller, *, n_classes: int,
+               tasks: torch.Tensor | int = 0, source: Source | None = None,
+               update_iterations: int | None = None) -> dict[str, Any]:
+        """Take (images, labels) into the class-keyed memory, one set per (task label, class); return the
+        history record.
+
+        The held sets are first compressed to the ipc of all classes after this step.  A class not held yet is
+        distilled from its samples (with the distiller as configured).  A class already held is updated: its
+        new samples are pooled with its held images, repeated to stand for the real samples it absorbed before
+        (at most HISTORY), and distilled from that pool by the distiller running `update_iterations` iterations
+        (default a tenth of its own, at least 1), starting from the held images for DM-family distillers (the
+        `initial_images` hook; a held set below the ipc is topped up with new samples), from samples of the
+        pool for the others.  Last, `fit_budget`.  tasks: one task label per sample, or one for all."""
+        tasks = torch.as_tensor(tasks, dtype=torch.long).expand(labels.shape)
+        pairs = sorted(set(zip(tasks.tolist(), labels.tolist())))
+        new = sum(class_key(t, c) not in self.sets for t, c in pairs)
+        ipc = self.ipc_for(self.n_groups + new)
+        start = time.perf_counter()
+        self.shrink_to(ipc, distiller)
+        compress_seconds, start = time.perf_counter() - start, time.perf_counter()
+        self.step += 1
+        options = {"ipc": ipc, "n_classes": n_classes, "source": source or Source()}
+        for task in sorted(set(tasks.tolist())):
+            x, y = images[tasks == task], labels[tasks == task]
+            held = [c for c in torch.unique(y).tolist() if class_key(task, c) in self.sets]
+            fresh = ~torch.isin(y, torch.tensor(held, dtype=torch.long))
+            if bool(fresh.any()):
+                self._store(distiller.distill(x[fresh], y[fresh], **options), task, y[fresh])
+            if held:
+                self._update(x[~fresh], y[~fresh], task, held, distiller, update_iterations, options)
+        self.fit_budget()
+        record = {"step": self.step, "ipc": ipc, "n_images": len(self), "new_classes": new,
+                  "updated_classes": len(pairs) - new, "distill_seconds": round(time.perf_counter() - start, 3),
+                  "compress_seconds": round(compress_seconds, 3)}
+        self.history.append(record)
+        return record
+
+    def _update(self, images: torch.Tensor, labels: torch.Tensor, task: int, classes: list[int],
+                distiller: Distiller, iterations: int | None, options: dict[str, Any]) -> None:
+        """Re-distil the held sets of `classes` (of `task`) from their new samples and their own images."""
+        held = {c: self.sets[class_key(task, c)] for c in classes}
+        start = [topped_up(held[c].images, images[labels == c], options["ipc"]) for c in classes]
+        stand_in = [held[c].images.repeat(-(-min(absorbed(held[c]), HISTORY) // len(held[c])), 1, 1, 1)
+                    for c in classes]
+        pool_x = torch.cat([images, *stand_in])
+        pool_y = torch.cat([labels, *(torch.full((len(s),), c, dtype=torch.long) for s, c in zip(stand_in, classes))])
+        init_y = torch.cat([torch.full((len(s),), c, dtype=torch.long) for s, c in zip(start, classes)])
+        if iterations is None:
+            iterations = max(1, int(getattr(distiller, "iterations", 10)) // 10)
+        synset = warm_started(distiller, torch.cat(start), init_y, iterations).distill(pool_x, pool_y, **options)
+        previous = {c: absorbed(held[c]) for c in classes}
+        self._store(synset, task, labels, previous)
+
+    def _store(self, synset: SyntheticSet, task: int, labels: torch.Tensor,
+               previous: dict[int, int] | None = None) -> None:
+        """Hold each class of `synset` as its own set, recording the samples it has absorbed so far."""
+        for c in synset.classes():
+            count = int((labels == c).sum()) + (previous or {}).get(c, 0)
+            self.sets[class_key(task, c)] = recorded(only_classes(synset, [c]), task=task, step=self.step,
+                                                    absorbed=count)
+
+    def fit_budget(self) -> list[tuple[int, int]]:
+        """Under `max_size`, drop whole classes - least recently updated first, ties by key then class id - until
+        the memory holds at most max_size images; return the (key, class) pairs dropped."""
+        if self.max_size is None:
+            return []
+        order = sorted((recency(s), key, c) for key, s in self.sets.items() for c in s.classes())
+        dropped = []
+        while len(self) > self.max_size:
+            _, key, c = order.pop(0)
+            rest = [k for k in self.sets[key].classes() if k != c]
+            if rest:
+                self.sets[key] = only_classes(self.sets[key], rest)
+            else:
+                del self.sets[key]
+            dropped.append((key, c))
+        return dropped
 
     def relabel(self, key: int, labels: torch.Tensor) -> SyntheticSet:
         """Give the set held under `key` new labels, e.g. soft labels recorded from a model (validated; every
@@ -155,12 +250,13 @@ class DistilledMemory:
         self.max_size, self.images_per_class = new_size, None
         if self.sets:
             self.shrink_to(self.ipc_for(self.n_groups), distiller)
+            self.fit_budget()
 
     def shrink_to(self, ipc: int, distiller: Distiller | None = None) -> None:
         """Compress every held set with more than `ipc` images per class down to `ipc`."""
         for key, synset in self.sets.items():
             if synset.meta.ipc > ipc:
-                self.sets[key] = tagged(self._compressed(synset, ipc, distiller), task_label(synset))
+                self.sets[key] = carry_record(synset, self._compressed(synset, ipc, distiller))
 
     def _compressed(self, synset: SyntheticSet, ipc: int, distiller: Distiller | None) -> SyntheticSet:
         """The set compressed to `ipc` images per class; soft labels survive (see `carry_soft_labels`)."""
@@ -207,6 +303,7 @@ class DistilledMemory:
                 raise SyntheticSetError(f"{name}: {err}") from None
             task_label(sets[key])  # fail early on a set without a usable task label
         self.sets = sets
+        self.step = max([recency(s) for s in sets.values()] + [self.step])
         return index
 
     def save(self, directory: str | Path, **extra: Any) -> Path:
@@ -261,13 +358,64 @@ def carry_soft_labels(original: SyntheticSet, compressed: SyntheticSet) -> Synth
     return replace(compressed, labels=labels)
 
 
-def tagged(synset: SyntheticSet, task: int) -> SyntheticSet:
-    """The set with its task label recorded in the metadata (so a saved memory restores it)."""
-    return replace(synset, meta=replace(synset.meta, extra={**synset.meta.extra, "task_label": int(task)}))
+def recorded(synset: SyntheticSet, **fields: int) -> SyntheticSet:
+    """The set with BOOKKEEPING `fields` (task=..., step=..., absorbed=...) recorded in its metadata."""
+    names = {"task": "task_label", "step": "step", "absorbed": "absorbed"}
+    extra = {**synset.meta.extra, **{names[k]: int(v) for k, v in fields.items()}}
+    return replace(synset, meta=replace(synset.meta, extra=extra))
+
+
+def carry_record(original: SyntheticSet, new: SyntheticSet) -> SyntheticSet:
+    """`new` (made from `original`) with `original`'s BOOKKEEPING metadata."""
+    kept = {k: original.meta.extra[k] for k in BOOKKEEPING if k in original.meta.extra}
+    return replace(new, meta=replace(new.meta, extra={**new.meta.extra, **kept}))
+
+
+def recency(synset: SyntheticSet) -> int:
+    """The step that last updated the set (0 for sets saved without one)."""
+    return int(synset.meta.extra.get("step", 0))
+
+
+def absorbed(synset: SyntheticSet) -> int:
+    """How many real samples the set summarises (its own size for sets saved without the count)."""
+    return int(synset.meta.extra.get("absorbed", len(synset)))
+
+
+def class_key(task: int, cls: int) -> int:
+    """The key of a class-keyed set: one per task label and class id."""
+    return int(task) * MAX_CLASSES + int(cls)
+
+
+def only_classes(synset: SyntheticSet, classes: list[int]) -> SyntheticSet:
+    """The images (and labels) of `classes` in the set, metadata kept."""
+    keep = torch.isin(synset.hard_labels, torch.tensor(classes, dtype=torch.long))
+    return replace(synset, images=synset.images[keep].clone(), labels=synset.labels[keep].clone())
+
+
+def topped_up(held: torch.Tensor, new: torch.Tensor, ipc: int) -> torch.Tensor:
+    """The held images of a class, followed by its new samples (cycled) until there are `ipc` of them."""
+    if len(held) >= ipc or len(new) == 0:
+        return held[:ipc]
+    extra = new[torch.arange(ipc - len(held)) % len(new)]
+    return torch.cat([held, extra.to(held.dtype)])
+
+
+def warm_started(distiller: Distiller, images: torch.Tensor, labels: torch.Tensor, iterations: int) -> Distiller:
+    """A shallow copy of `distiller` that runs at most `iterations` iterations and, when it has DM's
+    `initial_images` hook, starts from `images` (grouped by class, class ids `labels`) instead of sampling its
+    start.  The distiller passed in is left as it is."""
+    clone = copy.copy(distiller)
+    if hasattr(clone, "iterations"):
+        clone.iterations = min(int(clone.iterations), int(iterations))
+    if hasattr(clone, "initial_images"):
+        def start(*_: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            return images.to(clone.device).contiguous(memory_format=torch.channels_last), labels.clone()
+        clone.initial_images = start
+    return clone
 
 
 def task_label(synset: SyntheticSet) -> int:
-    """The task label recorded by `tagged` (0 when absent); SyntheticSetError when it is not a valid one."""
+    """The task label recorded by `recorded` (0 when absent); SyntheticSetError when it is not a valid one."""
     value = synset.meta.extra.get("task_label", 0)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise SyntheticSetError(f"metadata extra.task_label must be a non-negative integer, got {value!r}")

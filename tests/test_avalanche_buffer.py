@@ -14,6 +14,7 @@ from fedcl.avalanche.buffer import DistilledBuffer, truncate  # noqa: E402
 from fedcl.avalanche.plugin import SoftReplayLoss, fit_columns  # noqa: E402
 from fedcl.data import ClassIndex, load_dataset  # noqa: E402
 from fedcl.distill.base import Distiller, DistillResult  # noqa: E402
+from fedcl.memory import class_key  # noqa: E402
 from fedcl.runtime import generator  # noqa: E402
 from fedcl.synthetic import SyntheticSetError  # noqa: E402
 
@@ -63,8 +64,8 @@ def test_resizing_redistils_old_sets_with_dm(digits_stream):
     options = {"iterations": 2, "batch_real": 8, "model_cfg": {"width": 8}}
     buffer = DistilledBuffer(8, distiller="dm", distiller_options=options)
     _fill(buffer, digits_stream, upto=2)
-    first = buffer.sets[0]
-    assert first.meta.method == "dm" and first.meta.ipc == 2 and len(first) == 4
+    first = buffer.sets[class_key(0, digits_stream.train_stream[0].classes_in_this_experience[0])]
+    assert first.meta.method == "dm" and first.meta.ipc == 2 and len(first) == 2
     buffer.resize(AGENT, 4)
     assert len(buffer.buffer) == 4 and buffer.seen_classes() == [1, 4, 5, 7]
 
@@ -74,11 +75,13 @@ def test_images_per_class_budget_grows_with_classes(digits_stream):
     assert _fill(buffer, digits_stream, upto=3) == [6, 12, 18]
 
 
-def test_budget_too_small_for_the_classes_is_a_clear_error(digits_stream):
+def test_budget_below_the_classes_keeps_the_most_recent_ones(digits_stream):
     buffer = DistilledBuffer(3, distiller="random")
     buffer.post_adapt(AGENT, digits_stream.train_stream[0])
-    with pytest.raises(ValueError, match="cannot keep one image"):
-        buffer.post_adapt(AGENT, digits_stream.train_stream[1])
+    buffer.post_adapt(AGENT, digits_stream.train_stream[1])
+    first, second = (e.classes_in_this_experience for e in list(digits_stream.train_stream)[:2])
+    assert len(buffer.buffer) == 3
+    assert buffer.seen_classes() == sorted([max(first), *second])  # the older experience's smaller class goes
 
 
 def test_invalid_budgets_are_refused():
@@ -162,3 +165,17 @@ def test_permuted_scenario_repeats_classes_with_new_pixel_orders():
     order = torch.randperm(64, generator=generator(1))
     assert torch.equal(permute_pixels(dataset.train_images[:2], order).flatten(1), dataset.train_images[:2].flatten(1)[:, order])
     assert LabelledTensors(dataset.train_images[:3], dataset.train_labels[:3]).targets == dataset.train_labels[:3].tolist()
+
+
+def test_experience_keyed_memory_keeps_permuted_domains_apart():
+    scenario = permuted_scenario(load_dataset("digits"), 3, seed=0)
+    by_experience = DistilledBuffer(30, distiller="random", key="experience")
+    by_class = DistilledBuffer(30, distiller="random")
+    for exp in scenario.train_stream:
+        by_experience.post_adapt(AGENT, exp)
+        by_class.post_adapt(AGENT, exp)
+    assert sorted(by_experience.sets) == [0, 1, 2] and len(by_experience.buffer) == 30
+    assert [h["ipc"] for h in by_experience.history] == [3, 1, 1]
+    assert sorted(by_class.sets) == [class_key(0, c) for c in range(10)] and len(by_class.buffer) == 30
+    with pytest.raises(ValueError, match="key must be"):
+        DistilledBuffer(10, key="task")

@@ -155,9 +155,10 @@ def _replay_plugin(config: RunConfig, benchmark: CLBenchmark, model: torch.nn.Mo
         return ReplayPlugin(config.mem_size, storage_policy=policy, **common)
     if config.strategy == "distilled":
         options = {"model_cfg": dict(config.model_cfg), **config.distiller_options}
+        key = "experience" if benchmark.name.startswith("permuted") else "class"  # domains stay apart
         return DistilledReplayPlugin(config.mem_size, config.distiller, distiller_options=options,
-                                     source=benchmark.source, n_classes=benchmark.n_classes, seed=config.seed,
-                                     **common)
+                                     source=benchmark.source, n_classes=benchmark.n_classes, key=key,
+                                     seed=config.seed, **common)
     return None
 
 

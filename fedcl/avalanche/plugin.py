@@ -3,7 +3,11 @@
 Add it to any strategy (`Naive(model, optimizer, criterion, plugins=[DistilledReplayPlugin(mem_size=100,
 distiller="dm")])`).  It is Avalanche's `ReplayPlugin` with a `DistilledBuffer` as storage policy: before each
 experience the `ReplayDataLoader` mixes memory samples into every mini-batch (`batch_size_mem` of them, default the
-strategy's train_mb_size, exactly as ReplayPlugin); after it, the experience is distilled into memory.
+strategy's train_mb_size, exactly as ReplayPlugin); after it, the experience's classes are taken into memory (new
+classes distilled, classes already held updated from their current images; see DistilledBuffer).  It runs wherever
+ReplayPlugin does: class- and task-incremental streams, online streams (`split_online_stream`), task-aware online
+streams, and budgets smaller than the number of classes.  The samples must be (image, label[, task label])
+sequences; other layouts are refused before the first experience trains (see `DistilledBuffer`).
 
 Soft labels.  Memory samples travel through the loader with their hard label (the arg-max), so the batch layout,
 the metrics and other plugins see ordinary (x, y, t) samples.  When the memory holds soft-labelled sets, the plugin
@@ -23,7 +27,7 @@ import torch
 from avalanche.training.plugins import ReplayPlugin
 from torch.nn import functional as F
 
-from fedcl.avalanche.buffer import DistilledBuffer
+from fedcl.avalanche.buffer import DistilledBuffer, check_layout
 from fedcl.distill.base import Distiller, Source
 
 
@@ -34,18 +38,22 @@ class DistilledReplayPlugin(ReplayPlugin):
     distiller: a registered distiller name ("dm", "random", "herding", ...) or a Distiller instance.
     distiller_options: options for a distiller given by name (e.g. {"iterations": 500, "model_cfg": {...}}).
     compress: "redistill" | "herding" | "truncate": how older sets shrink when new classes arrive.
+    update_iterations: distillation iterations for a class already in memory that reappears (see DistilledBuffer).
+    key: "class" (one set per task label and class) or "experience" (one per experience; see DistilledBuffer).
     batch_size / batch_size_mem / task_balanced_dataloader: as Avalanche's ReplayPlugin.
     source, n_classes, seed, progress: see DistilledBuffer.
     """
 
     def __init__(self, mem_size: int | None = 200, distiller: str | Distiller = "dm", *,
                  images_per_class: int | None = None, distiller_options: dict[str, Any] | None = None,
-                 compress: str = "redistill", batch_size: int | None = None, batch_size_mem: int | None = None,
+                 compress: str = "redistill", update_iterations: int | None = None,
+                 batch_size: int | None = None, batch_size_mem: int | None = None,
                  task_balanced_dataloader: bool = False, source: Source | None = None, n_classes: int | None = None,
-                 seed: int = 0, progress: bool = False) -> None:
+                 key: str = "class", seed: int = 0, progress: bool = False) -> None:
         buffer = DistilledBuffer(mem_size, images_per_class=images_per_class, distiller=distiller,
-                                 distiller_options=distiller_options, compress=compress, source=source,
-                                 n_classes=n_classes, seed=seed, progress=progress)
+                                 distiller_options=distiller_options, compress=compress,
+                                 update_iterations=update_iterations, source=source,
+                                 n_classes=n_classes, key=key, seed=seed, progress=progress)
         super().__init__(mem_size=mem_size, batch_size=batch_size, batch_size_mem=batch_size_mem,
                          task_balanced_dataloader=task_balanced_dataloader, storage_policy=buffer)
         self._original_criterion = None
@@ -56,6 +64,9 @@ class DistilledReplayPlugin(ReplayPlugin):
 
     def before_training_exp(self, strategy: Any, num_workers: int = 0, shuffle: bool = True,
                             drop_last: bool = False, **kwargs: Any) -> None:
+        """Refuse an unsupported sample layout before training on it, then replay as ReplayPlugin does."""
+        if len(strategy.experience.dataset):
+            check_layout(strategy.experience.dataset[0])
         super().before_training_exp(strategy, num_workers=num_workers, shuffle=shuffle, drop_last=drop_last,
                                     **kwargs)
         soft = self.buffer.soft_targets()
