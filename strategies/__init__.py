@@ -10,8 +10,9 @@ Every strategy keeps `traffic`: uplink/downlink bytes and failures (with reasons
 This package depends on `fedcl` and on Flower; `fedcl`'s core never imports it.
 """
 
+from fedcl.flower.protocol import DISTILL_MESSAGE
 from strategies.continual import ContinualFedAvg, TaskSchedule
-from strategies.fed_distill import DISTILL_MESSAGE, FedDistill
+from strategies.fed_distill import FedDistill
 from strategies.fedavg import MeteredFedAvg
 from strategies.hybrid import FedAvgDistill
 from strategies.memory import SyntheticMemory, train_on_memory

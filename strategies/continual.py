@@ -15,11 +15,12 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, sample_nodes
 
 from fedcl.data import ClassIndex
+from fedcl.flower.protocol import (ARRAYS, DISTILL_MESSAGE, MEMORY_IMAGES, METRICS, REHEARSAL_EXAMPLES, SERVER_ROUND,
+                                   TASK)
 from fedcl.flower.records import synset_to_record
 from fedcl.runtime import generator as make_generator
 from fedcl.synthetic import MAX_BYTES, SyntheticMeta, SyntheticSet
 from fedcl.train import TrainConfig
-from strategies.fed_distill import DISTILL_MESSAGE
 from strategies.memory import SyntheticMemory, train_on_memory
 from strategies.traffic import Metered
 
@@ -131,9 +132,9 @@ class ContinualFedAvg(Metered, FedAvg):
         """FedAvg's train messages for the current task (with replay slices at a task's start), or the
         distillation request at its end."""
         self._arrays = arrays
-        config["task"] = self.schedule.task_of(server_round)
+        config[TASK] = self.schedule.task_of(server_round)
         if self.schedule.phase(server_round) == "distill":
-            config["server-round"] = server_round
+            config[SERVER_ROUND] = server_round
             sample_size = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
             node_ids, _ = sample_nodes(grid, self.min_available_nodes, sample_size)
             records = {self.arrayrecord_key: arrays} if self.distill_with_model else {}
@@ -176,7 +177,7 @@ class ContinualFedAvg(Metered, FedAvg):
                                          config=self.finetune_config, device=self.device,
                                          seed=self.seed + server_round)
         ok = [r for r in replies if not r.has_error()]
-        client_memory = sum(int(r.content["metrics"].get("memory-images", 0)) for r in ok if "metrics" in r.content)
+        client_memory = sum(int(r.content[METRICS].get(MEMORY_IMAGES, 0)) for r in ok if METRICS in r.content)
         metrics = MetricRecord({"clients-ok": len(ok), "server-memory-images": len(self.memory),
                                 "client-memory-images": client_memory, **self.failure_metrics(server_round)})
         return arrays, metrics
@@ -188,13 +189,13 @@ class ContinualFedAvg(Metered, FedAvg):
             return None
         records = []
         for reply in replies:
-            if reply.has_error() or "arrays" not in reply.content.array_records:
+            if reply.has_error() or ARRAYS not in reply.content.array_records:
                 continue
-            n = int(reply.content["metrics"].get("rehearsal-examples", 0)) if "metrics" in reply.content else 0
-            if n > 0 and _same_layout(reply.content.array_records["arrays"], self._arrays):
-                records.append(RecordDict({"arrays": reply.content.array_records["arrays"],
-                                           "metrics": MetricRecord({"rehearsal-examples": n})}))
-        return aggregate_arrayrecords(records, "rehearsal-examples") if records else None
+            n = int(reply.content[METRICS].get(REHEARSAL_EXAMPLES, 0)) if METRICS in reply.content else 0
+            if n > 0 and _same_layout(reply.content.array_records[ARRAYS], self._arrays):
+                records.append(RecordDict({ARRAYS: reply.content.array_records[ARRAYS],
+                                           METRICS: MetricRecord({REHEARSAL_EXAMPLES: n})}))
+        return aggregate_arrayrecords(records, REHEARSAL_EXAMPLES) if records else None
 
 
 def _same_layout(arrays: ArrayRecord, reference: ArrayRecord) -> bool:

@@ -14,11 +14,9 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from fedcl.screen import EmbeddingScreen, create_screen
 from fedcl.synthetic import MAX_BYTES
 from fedcl.train import TrainConfig
+from fedcl.flower.protocol import DISTILL_MESSAGE, MEMORY_IMAGES, SERVER_ROUND
 from strategies.memory import SyntheticMemory, train_on_memory
 from strategies.traffic import Metered
-
-#: Message type of the distillation instruction (answered by `fedcl.flower.client_app`).
-DISTILL_MESSAGE = "train.distill"
 
 
 class FedDistill(Metered, FedAvg):
@@ -95,7 +93,7 @@ class FedDistill(Metered, FedAvg):
         sample_size = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
         node_ids, all_nodes = sample_nodes(grid, self.min_available_nodes, sample_size)
         log(INFO, "configure_train: asking %s of %s nodes for synthetic sets", len(node_ids), len(all_nodes))
-        config["server-round"] = server_round
+        config[SERVER_ROUND] = server_round
         content = {self.configrecord_key: config}
         if self.guide_with_global and server_round > 1:
             content[self.arrayrecord_key] = arrays
@@ -106,7 +104,7 @@ class FedDistill(Metered, FedAvg):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Pool the valid synthetic sets and train the global model on the whole memory."""
         accepted = self.memory.accept(server_round, replies, self.traffic)
-        metrics = MetricRecord({"clients-ok": accepted, "memory-images": len(self.memory),
+        metrics = MetricRecord({"clients-ok": accepted, MEMORY_IMAGES: len(self.memory),
                                 **self.failure_metrics(server_round)})
         if len(self.memory) == 0 or self._arrays is None:
             log(INFO, "aggregate_train: no synthetic data yet; the global model is unchanged")

@@ -10,10 +10,10 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedcl.flower.protocol import DISTILL_MESSAGE, MEMORY_IMAGES
 from fedcl.screen import EmbeddingScreen, create_screen
 from fedcl.synthetic import MAX_BYTES
 from fedcl.train import TrainConfig
-from strategies.fed_distill import DISTILL_MESSAGE
 from strategies.memory import SyntheticMemory, train_on_memory
 from strategies.traffic import Metered
 
@@ -100,6 +100,6 @@ class FedAvgDistill(Metered, FedAvg):
         if arrays is not None and len(self.memory) > 0:
             arrays = train_on_memory(arrays, self.memory, model=self.model, model_cfg=self.model_cfg,
                                      config=self.finetune_config, device=self.device, seed=self.seed + server_round)
-        metrics = MetricRecord({**(metrics or {}), "memory-images": len(self.memory),
+        metrics = MetricRecord({**(metrics or {}), MEMORY_IMAGES: len(self.memory),
                                 **self.failure_metrics(server_round)})
         return arrays, metrics

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, Message
 
-from fedcl.flower.records import SYNTHETIC_KEY, arrays_to_model, model_to_arrays, synset_from_record
+from fedcl.flower.protocol import METRICS, SYNTHETIC_IMAGES, SYNTHETIC_KEY
+from fedcl.flower.records import arrays_to_model, model_to_arrays, synset_from_record
 from fedcl.models import create_model
 from fedcl.screen import EmbeddingScreen
 from fedcl.synthetic import SyntheticSet, SyntheticSetError
@@ -20,9 +21,9 @@ from strategies.traffic import TrafficLog
 
 def declares_nothing(reply: Message) -> bool:
     """True when a reply carries no synthetic set and its metrics say it distilled none (no local data)."""
-    metrics = reply.content.metric_records.get("metrics")
+    metrics = reply.content.metric_records.get(METRICS)
     return (SYNTHETIC_KEY not in reply.content.array_records and metrics is not None
-            and int(metrics.get("synthetic-images", -1)) == 0)
+            and int(metrics.get(SYNTHETIC_IMAGES, -1)) == 0)
 
 
 class SyntheticMemory:

@@ -22,6 +22,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
+from fedcl.flower.protocol import CONFIG, MAX_REASON_CHARS, SERVER_ROUND
 from fedcl.flower.records import record_nbytes
 
 
@@ -38,6 +39,11 @@ class RoundTraffic:
     failures: list[tuple[int, str]] = field(default_factory=list)
 
 
+def bounded(reason: str) -> str:
+    """`reason` cut to at most `MAX_REASON_CHARS` characters (marked with an ellipsis when cut)."""
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[:MAX_REASON_CHARS - 3] + "..."
+
+
 class TrafficLog:
     """Traffic and failures by round number (round 0 = before training)."""
 
@@ -48,7 +54,9 @@ class TrafficLog:
         return self.rounds.setdefault(server_round, RoundTraffic())
 
     def fail(self, server_round: int, node_id: int, reason: str) -> None:
-        """Count node `node_id` as failed in `server_round` and log why."""
+        """Count node `node_id` as failed in `server_round` and log why (the reason cut to `MAX_REASON_CHARS`:
+        it may quote a client's own error text, which must not fill the logs and the checkpoint)."""
+        reason = bounded(reason)
         self[server_round].failures.append((int(node_id), reason))
         log(WARNING, "round %s: client node %s failed: %s", server_round, node_id, reason)
 
@@ -82,10 +90,11 @@ class TrafficLog:
 
 
 class MeteredGrid:
-    """A Grid proxy that counts the bytes of everything sent and received, by the `server-round` in the messages."""
+    """A Grid proxy that counts the bytes of everything sent and received, by the `server-round` in the messages'
+    ConfigRecord `configrecord_key` (the strategy's)."""
 
-    def __init__(self, grid: Grid, traffic: TrafficLog) -> None:
-        self._grid, self._traffic, self._round = grid, traffic, 0
+    def __init__(self, grid: Grid, traffic: TrafficLog, configrecord_key: str = CONFIG) -> None:
+        self._grid, self._traffic, self._round, self._config_key = grid, traffic, 0, configrecord_key
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
@@ -93,8 +102,8 @@ class MeteredGrid:
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         messages = list(messages)
         for msg in messages:
-            config = msg.content.config_records.get("config", {}) if msg.has_content() else {}
-            self._round = int(config.get("server-round", self._round))
+            config = msg.content.config_records.get(self._config_key, {}) if msg.has_content() else {}
+            self._round = int(config.get(SERVER_ROUND, self._round))
         traffic = self._traffic[self._round]
         traffic.messages_sent += len(messages)
         traffic.downlink_bytes += sum(record_nbytes(m.content) for m in messages if m.has_content())
@@ -116,10 +125,17 @@ class MeteredGrid:
 
 class Metered:
     """Mixin for strategies: `self.traffic` holds bytes and failures per round; `start` meters its Grid and can
-    resume a run; `self.client_evaluation` holds the clients' aggregated evaluation metrics by round."""
+    resume a run; `self.client_evaluation` holds the clients' aggregated evaluation metrics by round.
 
-    traffic: TrafficLog
-    client_evaluation: dict[int, MetricRecord]
+    Both exist from `__init__`, so the strategy's hooks work whoever drives them: `Metered.start`, Flower's own
+    `Strategy.start`, a hand-written loop or a wrapper such as Flower's differential-privacy strategies (only
+    `Metered.start` meters bytes; failures are counted in every case).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.traffic = TrafficLog()
+        self.client_evaluation: dict[int, MetricRecord] = {}
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
@@ -133,13 +149,13 @@ class Metered:
         """
         if not 1 <= first_round <= num_rounds + 1:
             raise ValueError(f"first_round must lie in 1..{num_rounds + 1}, got {first_round}")
-        self.traffic = traffic if traffic is not None else TrafficLog()
-        self.client_evaluation = {}
+        if traffic is not None:
+            self.traffic = traffic
         offset = first_round - 1
         shifted_evaluate = None if evaluate_fn is None else (lambda r, arrays: evaluate_fn(r + offset, arrays))
-        result = Strategy.start(_RoundsFrom(self, offset), MeteredGrid(grid, self.traffic),  # type: ignore[arg-type]
-                                initial_arrays, num_rounds - offset, timeout, train_config, evaluate_config,
-                                shifted_evaluate)
+        metered = MeteredGrid(grid, self.traffic, self.configrecord_key)  # type: ignore[attr-defined]
+        result = Strategy.start(_RoundsFrom(self, offset), metered, initial_arrays,  # type: ignore[arg-type]
+                                num_rounds - offset, timeout, train_config, evaluate_config, shifted_evaluate)
         for history in (result.train_metrics_clientapp, result.evaluate_metrics_clientapp,
                         result.evaluate_metrics_serverapp):
             shifted = {r + offset: metrics for r, metrics in history.items()}

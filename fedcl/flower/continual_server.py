@@ -21,7 +21,7 @@ from fedcl.continual_metrics import step_metrics
 from fedcl.data import ImageDataset, load_dataset
 from fedcl.data.streams import class_groups, groups_seen
 from fedcl.flower.results import write_task_results
-from fedcl.flower.server_app import start_strategy
+from fedcl.flower.loop import start_strategy
 from fedcl.flower.settings import FedSettings
 from fedcl.runtime import resolve_device
 from fedcl.train import TrainConfig, evaluate_model
