@@ -1,12 +1,10 @@
 """Per-round communication and failure accounting shared by every fedcl strategy.
 
-`Metered` wraps the Grid a strategy's `start` loop talks through, so every message is counted in one place:
+`MeteredGrid` wraps the Grid a strategy's `start` loop talks through (`strategies.metered.Metered.start`), so
+every message is counted in one place:
 downlink = bytes of every instruction sent, uplink = bytes of every reply received (Flower's `count_bytes` of
 the array, config and metric records: the payload, not the transport framing).  Error replies and nodes that never
 answered are failures with a reason; strategies add their own (e.g. a malformed synthetic set) with `fail`.
-
-`Metered.start` can also resume a run: from `first_round` on, with the traffic log of the rounds before it (what a
-server checkpoint holds), so a restarted server continues the round numbering, the seeds and the counters.
 """
 
 from __future__ import annotations
@@ -17,10 +15,9 @@ from dataclasses import asdict, dataclass, field, fields
 from logging import WARNING
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result, Strategy
 
 from fedcl.flower.protocol import CONFIG, MAX_REASON_CHARS, SERVER_ROUND
 from fedcl.flower.records import record_nbytes
@@ -121,79 +118,3 @@ class MeteredGrid:
             for _ in range(max(0, count)):
                 self._traffic.fail(self._round, node_id, f"no reply within the round timeout ({timeout} s)")
         return replies
-
-
-class Metered:
-    """Mixin for strategies: `self.traffic` holds bytes and failures per round; `start` meters its Grid and can
-    resume a run; `self.client_evaluation` holds the clients' aggregated evaluation metrics by round.
-
-    Both exist from `__init__`, so the strategy's hooks work whoever drives them: `Metered.start`, Flower's own
-    `Strategy.start`, a hand-written loop or a wrapper such as Flower's differential-privacy strategies (only
-    `Metered.start` meters bytes; failures are counted in every case).
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.traffic = TrafficLog()
-        self.client_evaluation: dict[int, MetricRecord] = {}
-
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
-              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
-              evaluate_fn: Any = None, *, first_round: int = 1, traffic: TrafficLog | None = None) -> Result:
-        """Flower's round loop for rounds `first_round`..`num_rounds`, metered.
-
-        A fresh run starts at round 1.  A resumed one passes the round after its checkpoint, the checkpoint's
-        arrays as `initial_arrays` and its `traffic`; every round then carries its real number (in the messages'
-        `server-round`, the strategy's seeds, the result's keys and the `evaluate_fn` calls, whose first call is
-        for round `first_round - 1`).
-        """
-        if not 1 <= first_round <= num_rounds + 1:
-            raise ValueError(f"first_round must lie in 1..{num_rounds + 1}, got {first_round}")
-        if traffic is not None:
-            self.traffic = traffic
-        offset = first_round - 1
-        shifted_evaluate = None if evaluate_fn is None else (lambda r, arrays: evaluate_fn(r + offset, arrays))
-        metered = MeteredGrid(grid, self.traffic, self.configrecord_key)  # type: ignore[attr-defined]
-        result = Strategy.start(_RoundsFrom(self, offset), metered, initial_arrays,  # type: ignore[arg-type]
-                                num_rounds - offset, timeout, train_config, evaluate_config, shifted_evaluate)
-        for history in (result.train_metrics_clientapp, result.evaluate_metrics_clientapp,
-                        result.evaluate_metrics_serverapp):
-            shifted = {r + offset: metrics for r, metrics in history.items()}
-            history.clear()
-            history.update(shifted)
-        return result
-
-    def failure_metrics(self, server_round: int) -> MetricRecord:
-        """Failures so far in this round, as metrics for the round's MetricRecord."""
-        traffic = self.traffic[server_round]
-        return MetricRecord({"clients-failed": len(traffic.failures), "clients-screened": traffic.screened})
-
-
-class _RoundsFrom:
-    """The strategy as Flower's round loop sees it: loop round r is the strategy's round r + offset.
-
-    Flower's `Strategy.start` always counts rounds from 1; this view forwards the four round callbacks with the real
-    round number (and records the clients' evaluation metrics), everything else straight to the strategy.
-    """
-
-    def __init__(self, strategy: Metered, offset: int) -> None:
-        self._strategy, self._offset = strategy, offset
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._strategy, name)
-
-    def configure_train(self, server_round: int, *args: Any) -> Any:
-        return self._strategy.configure_train(server_round + self._offset, *args)  # type: ignore[attr-defined]
-
-    def aggregate_train(self, server_round: int, replies: Any) -> Any:
-        return self._strategy.aggregate_train(server_round + self._offset, replies)  # type: ignore[attr-defined]
-
-    def configure_evaluate(self, server_round: int, *args: Any) -> Any:
-        return self._strategy.configure_evaluate(server_round + self._offset, *args)  # type: ignore[attr-defined]
-
-    def aggregate_evaluate(self, server_round: int, replies: Any) -> Any:
-        metrics = self._strategy.aggregate_evaluate(server_round + self._offset,  # type: ignore[attr-defined]
-                                                    replies)
-        if metrics is not None:
-            self._strategy.client_evaluation[server_round + self._offset] = metrics
-        return metrics

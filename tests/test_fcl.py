@@ -260,15 +260,16 @@ def test_the_server_averages_the_rehearsed_models_by_the_images_each_trained_on(
     assert "arrays" in messages[0].content.array_records  # the model the clients rehearse
 
     def reply(arrays: ArrayRecord | None, n: int) -> SimpleNamespace:
-        content = RecordDict({"metrics": MetricRecord({"rehearsal-examples": n})})
+        content = RecordDict({"metrics": MetricRecord({"num-examples": 5, "memory-images": n, "synthetic-images": 0,
+                                                       "task": 0, "rehearsal-examples": n})})
         if arrays is not None:
             content["arrays"] = arrays
         return SimpleNamespace(content=content, has_error=lambda: False, metadata=SimpleNamespace(src_node_id=n))
 
     replies = [reply(layer(1.0), 10), reply(layer(4.0), 30), reply(layer(9.0, (3, 2)), 100), reply(None, 0)]
-    strategy.traffic = TrafficLog()  # what `start` sets up
     arrays, _ = strategy.aggregate_train(2, replies)
     assert np.allclose(arrays["w"].numpy(), 0.25 * 1.0 + 0.75 * 4.0)  # the wrong-shaped model is left out
+    assert [node for node, _ in strategy.traffic[2].failures] == [100]
 
 
 def test_a_continual_simulation_with_rehearsal_sends_and_averages_the_model_at_each_task_end(tmp_path):

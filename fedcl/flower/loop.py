@@ -31,6 +31,14 @@ from fedcl.runtime import seeded
 from strategies import Metered, TrafficLog
 
 
+def sampling(settings: FedSettings, dataset: ImageDataset) -> dict[str, Any]:
+    """FedAvg's sampling options and `Metered`'s weight bound, as the settings and the dataset give them (no
+    client holds more examples than the training split)."""
+    return dict(fraction_train=settings.fraction_train, fraction_evaluate=settings.fraction_evaluate,
+                min_train_nodes=settings.min_nodes, min_evaluate_nodes=settings.min_nodes,
+                min_available_nodes=settings.min_nodes, max_examples=len(dataset.train_labels))
+
+
 def start_strategy(grid: Grid, settings: FedSettings, strategy: Metered, dataset: ImageDataset, num_rounds: int,
                    score: Callable[[nn.Module, int], dict[str, float]], *,
                    checkpoint: bool = False) -> tuple[list[dict[str, Any]], Result]:

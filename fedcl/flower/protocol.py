@@ -68,13 +68,14 @@ class Bound:
         return None
 
 
-_COUNT = Bound(0, MAX_COUNT, count=True)
+#: A count: a non-negative int up to MAX_COUNT (also what a FedAvg weight must be, whatever its key).
+COUNT = Bound(0, MAX_COUNT, count=True)
 #: Every metric a fedcl client reports, with its range.
 METRIC_BOUNDS: dict[str, Bound] = {
-    NUM_EXAMPLES: _COUNT,
-    SYNTHETIC_IMAGES: _COUNT,
-    MEMORY_IMAGES: _COUNT,
-    REHEARSAL_EXAMPLES: _COUNT,
+    NUM_EXAMPLES: COUNT,
+    SYNTHETIC_IMAGES: COUNT,
+    MEMORY_IMAGES: COUNT,
+    REHEARSAL_EXAMPLES: COUNT,
     TASK: Bound(0, 10_000, count=True),
     TRAIN_LOSS: Bound(0.0, 1e6),
     DISTILL_SECONDS: Bound(0.0, 1e7),

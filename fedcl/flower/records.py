@@ -20,8 +20,9 @@ from torch import nn
 from fedcl.flower.protocol import META_JSON, META_KEY, SYNTHETIC_KEY
 from fedcl.synthetic import MAX_BYTES, MAX_IMAGES, SyntheticSet, SyntheticSetError
 
-__all__ = ["IMAGE_DTYPES", "META_KEY", "SET_SLACK", "SYNTHETIC_KEY", "arrays_to_model", "max_set_bytes",
-           "model_to_arrays", "record_nbytes", "synset_from_record", "synset_to_record"]
+__all__ = ["IMAGE_DTYPES", "META_KEY", "PIXEL_MARGIN", "SET_SLACK", "SYNTHETIC_KEY", "arrays_to_model",
+           "max_set_bytes", "model_to_arrays", "pixel_window", "record_nbytes", "synset_from_record",
+           "synset_to_record"]
 _ALLOWED_DTYPES = {"images": {"float32", "float16"}, "labels": {"int64", "float32"}, "lrs": {"float32"}}
 #: Wire formats of the images: float16 halves the upload (synthetic pixels are normalised values of order 1).
 IMAGE_DTYPES = ("float32", "float16")
@@ -29,6 +30,8 @@ IMAGE_DTYPES = ("float32", "float16")
 _HEADER_SLACK = 1024
 #: Allowance on top of a set's tensor bytes for its metadata JSON (method facts, normalisation, version).
 SET_SLACK = 16 * 1024
+#: How far beyond the dataset's normalised range a synthetic pixel may lie, in widths of that range.
+PIXEL_MARGIN = 1.0
 
 
 def synset_to_record(synset: SyntheticSet, image_dtype: str = "float32") -> RecordDict:
@@ -51,6 +54,17 @@ def max_set_bytes(image_shape: tuple[int, ...], n_classes: int, n_images: int) -
     asked for (ipc x classes images) instead of a fixed ceiling."""
     pixels = math.prod(image_shape)
     return n_images * 4 * (pixels + max(n_classes, 2) + 1) + SET_SLACK
+
+
+def pixel_window(mean: tuple[float, ...], std: tuple[float, ...],
+                 margin: float = PIXEL_MARGIN) -> tuple[float, float]:
+    """(lowest, highest) pixel value a received synthetic image may hold: the normalised range of a dataset whose
+    raw pixels lie in [0, 1] (per channel (0 - mean) / std .. (1 - mean) / std, widest over channels), widened on
+    each side by `margin` times its width.  Distilled images drift a little beyond the real range; a set far
+    outside it (pixels of 1e30 are finite) would wreck whatever trains on it."""
+    low = min(-m / s for m, s in zip(mean, std))
+    high = max((1 - m) / s for m, s in zip(mean, std))
+    return low - margin * (high - low), high + margin * (high - low)
 
 
 def synset_from_record(content: RecordDict, *, image_shape: tuple[int, ...] | None = None,

@@ -20,28 +20,28 @@ from torch import nn
 
 from fedcl.data import ImageDataset, load_dataset
 from fedcl.flower.continual_server import run_continual
-from fedcl.flower.loop import initial_model, start_strategy, starting_point
-from fedcl.flower.records import model_to_arrays
+from fedcl.flower.loop import initial_model, sampling, start_strategy, starting_point
+from fedcl.flower.records import model_to_arrays, pixel_window
 from fedcl.flower.results import write_results
 from fedcl.flower.settings import FedSettings
 from fedcl.runtime import resolve_device
 from fedcl.train import TrainConfig, evaluate_model
-from strategies import FedAvgDistill, FedDistill, MeteredFedAvg
+from strategies import AGGREGATORS, FedAvgDistill, FedDistill
 
 
 def build_strategy(settings: FedSettings, dataset: ImageDataset) -> Strategy:
-    """The strategy named by `settings.strategy`, configured from the settings."""
-    sampling = dict(fraction_train=settings.fraction_train, fraction_evaluate=settings.fraction_evaluate,
-                    min_train_nodes=settings.min_nodes, min_evaluate_nodes=settings.min_nodes,
-                    min_available_nodes=settings.min_nodes)
-    if settings.strategy == "fedavg":
-        return MeteredFedAvg(**sampling)
+    """The strategy `settings.behaviour` names, configured from the settings."""
+    if settings.behaviour.server == "fedavg":
+        robust = {"krum": {"num_malicious_nodes": max(0, (settings.min_nodes - 3) // 2)}}
+        return AGGREGATORS[settings.aggregation](**sampling(settings, dataset),
+                                                 **robust.get(settings.aggregation, {}))
     common = dict(image_shape=dataset.image_shape, n_classes=dataset.n_classes, model=settings.model,
                   model_cfg=settings.model_cfg, max_images_per_client=settings.ipc * dataset.n_classes,
-                  memory=settings.memory, screen=settings.screen, screen_threshold=settings.screen_threshold,
-                  device=settings.device, seed=settings.seed, **sampling)
+                  pixel_range=pixel_window(dataset.mean, dataset.std), memory=settings.memory,
+                  screen=settings.screen, screen_threshold=settings.screen_threshold, device=settings.device,
+                  seed=settings.seed, **sampling(settings, dataset))
     server_training = dict(lr=settings.server_lr, batch_size=settings.server_batch_size, dsa=True)
-    if settings.strategy == "fed-distill":
+    if settings.behaviour.server == "fed-distill":
         return FedDistill(train_config=TrainConfig(epochs=settings.server_epochs, **server_training), **common)
     return FedAvgDistill(finetune_config=TrainConfig(epochs=settings.finetune_epochs, decay_at=1.0, **server_training),
                          **common)
