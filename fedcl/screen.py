@@ -28,6 +28,7 @@ Torch only (no Flower): the strategies in `strategies/` call it on the sets of a
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -62,7 +63,13 @@ class EmbeddingScreen:
     n_nets: how many seeded random networks embed the images.  width / depth: their size.  threshold: the score
     (median over the set's classes of the distance to the class median, in median distances) above which a set is
     an outlier.  min_peers: the fewest sets that must hold a class for it to count.  seed: the networks'
-    initialisation.
+    initialisation, by default drawn from the operating system's secret randomness (`secrets`): a client knows
+    the run's seed (every instruction carries it), and networks it could recompute would let it craft a set that
+    scores well under exactly these networks.
+
+    In a group of at least `min_peers` sets, a set whose score is NaN (none of its classes comparable, or
+    embeddings that are not finite) is refused: it cannot be shown to agree with anyone.  A smaller group is not
+    judged at all (every score NaN, every set kept).
 
     Depth 2 keeps some spatial resolution on 8x8 digits (at depth 3 the feature maps are 1x1 and the margin between
     honest and poisoned sets was much smaller).  Threshold 2.5 sits in the gap measured with
@@ -78,7 +85,7 @@ class EmbeddingScreen:
     depth: int = 2
     threshold: float = 2.5
     min_peers: int = 3
-    seed: int = 0
+    seed: int = field(default_factory=lambda: secrets.randbits(31))
 
     def __post_init__(self) -> None:
         if not self.threshold > 0:
@@ -89,10 +96,12 @@ class EmbeddingScreen:
         if len(sets) < self.min_peers:
             return ScreenResult(scores=[float("nan")] * len(sets))
         scores = self.class_scores(sets).nanquantile(0.5, dim=1).tolist()  # NaN: no comparable class
-        outliers = [i for i, s in enumerate(scores) if s > self.threshold]
+        outliers = [i for i, s in enumerate(scores) if not s <= self.threshold]  # NaN included
         reasons = {i: f"screened out as an outlier: embedding score {scores[i]:.2f} > threshold {self.threshold} "
                       f"(median over its classes of the distance of its class mean to the other clients' median, "
-                      f"in median distances)"
+                      f"in median distances)" if scores[i] == scores[i] else
+                      "screened out: no embedding score (no class comparable with enough peers, or non-finite "
+                      "embeddings)"
                    for i in outliers}
         return ScreenResult(scores=scores, outliers=outliers, reasons=reasons)
 
@@ -136,8 +145,14 @@ def _class_means(embeddings: torch.Tensor, labels: torch.Tensor, n_classes: int)
     return sums / counts  # 0 / 0 = NaN marks an absent class
 
 
-def create_screen(name: str, seed: int = 0, threshold: float = EmbeddingScreen.threshold) -> EmbeddingScreen | None:
-    """The screen called `name` ("none" -> None, "embedding" -> EmbeddingScreen(seed=seed, threshold=threshold))."""
+def create_screen(name: str, seed: int | None = None,
+                  threshold: float = EmbeddingScreen.threshold) -> EmbeddingScreen | None:
+    """The screen called `name` ("none" -> None, "embedding" -> EmbeddingScreen(seed=seed, threshold=threshold)).
+
+    seed None (the default, what servers use) draws the networks' seed from secret randomness; pass one only to
+    reproduce a measurement."""
     if name not in SCREENS:
         raise ValueError(f"unknown screen {name!r}; choose one of {list(SCREENS)}")
-    return EmbeddingScreen(seed=seed, threshold=threshold) if name == "embedding" else None
+    if name == "none":
+        return None
+    return EmbeddingScreen(threshold=threshold) if seed is None else EmbeddingScreen(seed=seed, threshold=threshold)

@@ -41,6 +41,7 @@ import torch
 from fedcl.data import ImageDataset, load_dataset, partition
 from fedcl.distill import Source, create_distiller
 from fedcl.files import atomic_write, write_json
+from fedcl.flower.node import client_seed
 from fedcl.flower.records import arrays_to_model, model_to_arrays
 from fedcl.models import create_model
 from fedcl.runtime import generator, seeded, tune_cpu_allocator
@@ -61,7 +62,7 @@ def client_sets(data: ImageDataset, args: argparse.Namespace) -> list[SyntheticS
         path = Path(args.out) / "sets" / f"client{pid:03d}.safetensors"
         if not path.is_file():
             dm = create_distiller("dm", model="convnet", model_cfg={"width": args.width}, device=args.device,
-                                  seed=args.seed * 100_003 + pid * 1009 + 1, iterations=args.distill_iterations,
+                                  seed=client_seed(args.seed, pid, 1), iterations=args.distill_iterations,
                                   batch_real=args.batch_real)
             start = time.perf_counter()
             dm.distill(data.train_images[index], data.train_labels[index], ipc=args.ipc, n_classes=data.n_classes,

@@ -12,16 +12,18 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, sample_nodes
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedcl.data import ClassIndex
-from fedcl.flower.records import synset_to_record
+from fedcl.flower.protocol import ARRAYS, MEMORY_IMAGES, METRICS, REHEARSAL_EXAMPLES, SYNTHETIC_KEY, TASK
+from fedcl.flower.records import max_set_bytes, synset_to_record
 from fedcl.runtime import generator as make_generator
-from fedcl.synthetic import MAX_BYTES, SyntheticMeta, SyntheticSet
+from fedcl.synthetic import SyntheticMeta, SyntheticSet
 from fedcl.train import TrainConfig
-from strategies.fed_distill import DISTILL_MESSAGE
+from strategies.boundary import admit, array_problem, layout, metric_problem
+from strategies.fed_distill import distill_reply_problem, distill_requests
 from strategies.memory import SyntheticMemory, train_on_memory
-from strategies.traffic import Metered
+from strategies.metered import Metered
 
 
 @dataclass(frozen=True)
@@ -95,9 +97,14 @@ class ContinualFedAvg(Metered, FedAvg):
     slice_ipc : int (default: 10)
         Images per class in the replay slice sent to a client.
     max_images_per_client, max_bytes_per_client :
-        Largest set accepted from one client in one upload.
+        Largest set accepted from one client in one upload (bytes None: derived from the expected size,
+        `fedcl.flower.records.max_set_bytes`).
+    pixel_range : tuple[float, float] | None (default: None)
+        Lowest and highest pixel value an uploaded image may hold; None accepts any finite value.
     device, seed :
         Where the server fine-tunes and the seed of the fine-tuning and of the slices.
+    max_examples : int
+        As in `strategies.metered.Metered`: the most examples one reply may weigh (larger claims are clipped).
     fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes, ... :
         As in Flower's `FedAvg`.
     """
@@ -106,8 +113,9 @@ class ContinualFedAvg(Metered, FedAvg):
                  server_memory: bool = False, model: str = "convnet", model_cfg: dict | None = None,
                  finetune_config: TrainConfig = TrainConfig(epochs=10, decay_at=1.0),
                  distill_with_model: bool = False, rehearse: bool = False, slice_ipc: int = 10,
-                 max_images_per_client: int = 10_000, max_bytes_per_client: int = MAX_BYTES, device: str = "auto",
-                 seed: int = 0, **fedavg_options) -> None:
+                 max_images_per_client: int = 10_000, max_bytes_per_client: int | None = None,
+                 pixel_range: tuple[float, float] | None = None, device: str = "auto", seed: int = 0,
+                 **fedavg_options) -> None:
         super().__init__(**fedavg_options)
         if server_memory and not schedule.distill_round:
             raise ValueError("a server memory needs a distillation round at the end of every task")
@@ -117,9 +125,10 @@ class ContinualFedAvg(Metered, FedAvg):
         self.distill_with_model, self.rehearse = distill_with_model or rehearse, rehearse
         self.model, self.model_cfg, self.finetune_config = model, dict(model_cfg or {}), finetune_config
         self.device, self.seed = device, seed
-        self.memory = SyntheticMemory(image_shape=image_shape, n_classes=n_classes, policy="all",
-                                      max_images=max_images_per_client, max_bytes=max_bytes_per_client)
-        self._arrays: ArrayRecord | None = None
+        self.memory = SyntheticMemory(
+            image_shape=image_shape, n_classes=n_classes, policy="all", max_images=max_images_per_client,
+            max_bytes=max_bytes_per_client or max_set_bytes(image_shape, n_classes, max_images_per_client),
+            pixel_range=pixel_range)
 
     def summary(self) -> None:
         super().summary()
@@ -130,16 +139,10 @@ class ContinualFedAvg(Metered, FedAvg):
                         grid: Grid) -> Iterable[Message]:
         """FedAvg's train messages for the current task (with replay slices at a task's start), or the
         distillation request at its end."""
-        self._arrays = arrays
-        config["task"] = self.schedule.task_of(server_round)
-        if self.schedule.phase(server_round) == "distill":
-            config["server-round"] = server_round
-            sample_size = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
-            node_ids, _ = sample_nodes(grid, self.min_available_nodes, sample_size)
-            records = {self.arrayrecord_key: arrays} if self.distill_with_model else {}
-            return [Message(content=RecordDict({**records, self.configrecord_key: config}),
-                            message_type=DISTILL_MESSAGE, dst_node_id=node) for node in node_ids]
+        config[TASK] = self.schedule.task_of(server_round)
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        if self.schedule.phase(server_round) == "distill":
+            return distill_requests(messages, self.arrayrecord_key, self.distill_with_model)
         if not (self.server_memory and self.schedule.is_task_start(server_round) and len(self.memory)):
             return messages
         return [self._with_slice(m, server_round) for m in messages]
@@ -166,38 +169,42 @@ class ContinualFedAvg(Metered, FedAvg):
         and fine-tune on them."""
         if self.schedule.phase(server_round) == "train":
             return super().aggregate_train(server_round, replies)
-        replies = list(replies)
+        replies = admit(server_round, replies, self.traffic, self._distill_reply_problem)
         arrays = self._rehearsed(replies) if self.rehearse else None
         if self.server_memory:
             self.memory.accept(server_round, replies, self.traffic)
-            start = arrays if arrays is not None else self._arrays
+            start = arrays if arrays is not None else self.sent_arrays
             if len(self.memory) and start is not None:
                 arrays = train_on_memory(start, self.memory, model=self.model, model_cfg=self.model_cfg,
                                          config=self.finetune_config, device=self.device,
                                          seed=self.seed + server_round)
-        ok = [r for r in replies if not r.has_error()]
-        client_memory = sum(int(r.content["metrics"].get("memory-images", 0)) for r in ok if "metrics" in r.content)
-        metrics = MetricRecord({"clients-ok": len(ok), "server-memory-images": len(self.memory),
+        client_memory = sum(r.content[METRICS].get(MEMORY_IMAGES, 0) for r in replies)
+        metrics = MetricRecord({"clients-ok": len(replies), "server-memory-images": len(self.memory),
                                 "client-memory-images": client_memory, **self.failure_metrics(server_round)})
         return arrays, metrics
 
+    def _distill_reply_problem(self, reply: Message) -> str | None:
+        """Why a reply to the end-of-task distillation request breaks the protocol, or None: a synthetic set only
+        with a server memory, a rehearsed model (shaped like the one sent, finite) only with rehearsal, and the
+        protocol's metrics of a memory client."""
+        optional = frozenset({ARRAYS} if self.rehearse else ())
+        problem = distill_reply_problem(reply, optional) or metric_problem(
+            reply.content[METRICS], required=(MEMORY_IMAGES, TASK) + ((REHEARSAL_EXAMPLES,) if self.rehearse else ()))
+        if problem is None and SYNTHETIC_KEY in reply.content.array_records and not self.server_memory:
+            problem = "reply uploads a synthetic set, but this strategy keeps no server memory"
+        if problem is None and ARRAYS in reply.content.array_records:
+            if self.sent_arrays is None:
+                return "reply carries a model, but none was sent"
+            problem = array_problem(reply.content.array_records[ARRAYS], layout(self.sent_arrays))
+        return problem
+
     def _rehearsed(self, replies: list[Message]) -> ArrayRecord | None:
-        """The average of the models the clients rehearsed on their memories, weighted by the images each trained
-        on; replies without a model, or whose model does not match the one sent, are left out."""
-        if self._arrays is None:
-            return None
+        """The average of the models the (admitted) clients rehearsed on their memories, weighted by the images
+        each trained on (clipped to `max_examples`); None when no client returned a model."""
         records = []
         for reply in replies:
-            if reply.has_error() or "arrays" not in reply.content.array_records:
-                continue
-            n = int(reply.content["metrics"].get("rehearsal-examples", 0)) if "metrics" in reply.content else 0
-            if n > 0 and _same_layout(reply.content.array_records["arrays"], self._arrays):
-                records.append(RecordDict({"arrays": reply.content.array_records["arrays"],
-                                           "metrics": MetricRecord({"rehearsal-examples": n})}))
-        return aggregate_arrayrecords(records, "rehearsal-examples") if records else None
-
-
-def _same_layout(arrays: ArrayRecord, reference: ArrayRecord) -> bool:
-    """Whether two ArrayRecords hold the same names with the same shapes and dtypes."""
-    return list(arrays) == list(reference) and all(
-        arrays[k].shape == reference[k].shape and arrays[k].dtype == reference[k].dtype for k in reference)
+            examples = min(reply.content[METRICS][REHEARSAL_EXAMPLES], self.max_examples)
+            if ARRAYS in reply.content.array_records and examples > 0:
+                records.append(RecordDict({ARRAYS: reply.content.array_records[ARRAYS],
+                                           METRICS: MetricRecord({REHEARSAL_EXAMPLES: examples})}))
+        return aggregate_arrayrecords(records, REHEARSAL_EXAMPLES) if records else None

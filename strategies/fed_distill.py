@@ -9,16 +9,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from fedcl.flower.protocol import (DISTILL_MESSAGE, MEMORY_IMAGES, META_KEY, METRICS, NUM_EXAMPLES, SYNTHETIC_IMAGES,
+                                   SYNTHETIC_KEY)
+from fedcl.flower.records import max_set_bytes
 from fedcl.screen import EmbeddingScreen, create_screen
-from fedcl.synthetic import MAX_BYTES
 from fedcl.train import TrainConfig
+from strategies.boundary import admit, metric_problem, record_problem
 from strategies.memory import SyntheticMemory, train_on_memory
-from strategies.traffic import Metered
-
-#: Message type of the distillation instruction (answered by `fedcl.flower.client_app`).
-DISTILL_MESSAGE = "train.distill"
+from strategies.metered import Metered
 
 
 class FedDistill(Metered, FedAvg):
@@ -48,12 +47,16 @@ class FedDistill(Metered, FedAvg):
         "all": keep every set ever received; "latest": keep only each client's most recent set.
     max_images_per_client : int (default: 10_000)
         Largest synthetic set accepted from one client (in images); larger ones are rejected as oversize.
-    max_bytes_per_client : int (default: 512 MiB)
-        Largest synthetic set accepted from one client (in tensor bytes).
+    max_bytes_per_client : int | None (default: None)
+        Largest reply accepted from one client (tensor bytes plus metadata), checked before anything is decoded;
+        None derives it from the expected size, `fedcl.flower.records.max_set_bytes` of `max_images_per_client`.
+    pixel_range : tuple[float, float] | None (default: None)
+        Lowest and highest pixel value a synthetic image may hold (`fedcl.flower.records.pixel_window` of the
+        dataset: its normalised range plus a margin); None accepts any finite value.
     screen : str (default: "none")
         Poisoning screen of each round's sets before they enter the memory: "none", or "embedding" (per-class mean
-        embeddings under seeded random ConvNets against the median over clients, `fedcl.screen`); outliers are
-        counted as failures with the screen's reason.
+        embeddings under random ConvNets seeded from server-side secret randomness, against the median over
+        clients, `fedcl.screen`); outliers are counted as failures with the screen's reason.
     screen_threshold : float (default: 2.5)
         Score above which the "embedding" screen refuses a set (honest sets score about 1; must be > 0).
     guide_with_global : bool (default: True)
@@ -63,6 +66,8 @@ class FedDistill(Metered, FedAvg):
         Where the server trains ("auto" = CUDA when present).
     seed : int (default: 0)
         Seed of the server's training (offset by the round).
+    max_examples : int
+        As in `strategies.metered.Metered`: the most examples one reply may weigh (larger claims are clipped).
     fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes, weighted_by_key,
     arrayrecord_key, configrecord_key, train_metrics_aggr_fn, evaluate_metrics_aggr_fn :
         As in Flower's `FedAvg`; evaluation (client-side accuracy of the global model) works the same way.
@@ -70,16 +75,17 @@ class FedDistill(Metered, FedAvg):
 
     def __init__(self, *, image_shape: tuple[int, int, int], n_classes: int, model: str = "convnet",
                  model_cfg: dict | None = None, train_config: TrainConfig = TrainConfig(epochs=100),
-                 memory: str = "all", max_images_per_client: int = 10_000, max_bytes_per_client: int = MAX_BYTES,
-                 screen: str = "none", screen_threshold: float = EmbeddingScreen.threshold,
-                 guide_with_global: bool = True, device: str = "auto", seed: int = 0, **fedavg_options) -> None:
+                 memory: str = "all", max_images_per_client: int = 10_000, max_bytes_per_client: int | None = None,
+                 pixel_range: tuple[float, float] | None = None, screen: str = "none",
+                 screen_threshold: float = EmbeddingScreen.threshold, guide_with_global: bool = True,
+                 device: str = "auto", seed: int = 0, **fedavg_options) -> None:
         super().__init__(**fedavg_options)
         self.model, self.model_cfg, self.train_config = model, dict(model_cfg or {}), train_config
         self.guide_with_global, self.device, self.seed = guide_with_global, device, seed
-        self.memory = SyntheticMemory(image_shape=image_shape, n_classes=n_classes, policy=memory,
-                                      max_images=max_images_per_client, max_bytes=max_bytes_per_client,
-                                      screen=create_screen(screen, seed=seed, threshold=screen_threshold))
-        self._arrays: ArrayRecord | None = None
+        self.memory = SyntheticMemory(
+            image_shape=image_shape, n_classes=n_classes, policy=memory, max_images=max_images_per_client,
+            max_bytes=max_bytes_per_client or max_set_bytes(image_shape, n_classes, max_images_per_client),
+            pixel_range=pixel_range, screen=create_screen(screen, threshold=screen_threshold))
 
     def summary(self) -> None:
         super().summary()
@@ -88,29 +94,44 @@ class FedDistill(Metered, FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """Ask the sampled clients for a synthetic set; from round 2 (if guided) send the global model along."""
-        self._arrays = arrays
-        if self.fraction_train == 0.0:
-            return []
-        sample_size = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
-        node_ids, all_nodes = sample_nodes(grid, self.min_available_nodes, sample_size)
-        log(INFO, "configure_train: asking %s of %s nodes for synthetic sets", len(node_ids), len(all_nodes))
-        config["server-round"] = server_round
-        content = {self.configrecord_key: config}
-        if self.guide_with_global and server_round > 1:
-            content[self.arrayrecord_key] = arrays
-        return [Message(content=RecordDict(content), message_type=DISTILL_MESSAGE, dst_node_id=node)
-                for node in node_ids]
+        """FedAvg's sampled train messages as requests for a synthetic set; from round 2 (if guided) they carry the
+        global model along."""
+        messages = super().configure_train(server_round, arrays, config, grid)
+        return distill_requests(messages, self.arrayrecord_key, self.guide_with_global and server_round > 1)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Pool the valid synthetic sets and train the global model on the whole memory."""
-        accepted = self.memory.accept(server_round, replies, self.traffic)
-        metrics = MetricRecord({"clients-ok": accepted, "memory-images": len(self.memory),
+        accepted = self.memory.accept(server_round, admit(server_round, replies, self.traffic, distill_reply_problem),
+                                      self.traffic)
+        metrics = MetricRecord({"clients-ok": accepted, MEMORY_IMAGES: len(self.memory),
                                 **self.failure_metrics(server_round)})
-        if len(self.memory) == 0 or self._arrays is None:
+        if len(self.memory) == 0 or self.sent_arrays is None:
             log(INFO, "aggregate_train: no synthetic data yet; the global model is unchanged")
             return None, metrics
-        arrays = train_on_memory(self._arrays, self.memory, model=self.model, model_cfg=self.model_cfg,
+        arrays = train_on_memory(self.sent_arrays, self.memory, model=self.model, model_cfg=self.model_cfg,
                                  config=self.train_config, device=self.device, seed=self.seed + server_round)
         return arrays, metrics
+
+
+def distill_requests(messages: Iterable[Message], arrayrecord_key: str, with_model: bool) -> list[Message]:
+    """FedAvg's train messages turned into distillation requests to the same nodes, carrying the global model
+    (ArrayRecord `arrayrecord_key`) only when `with_model`."""
+    requests = []
+    for message in messages:
+        content = RecordDict({k: v for k, v in message.content.items() if with_model or k != arrayrecord_key})
+        requests.append(Message(content=content, message_type=DISTILL_MESSAGE,
+                                dst_node_id=message.metadata.dst_node_id))
+    return requests
+
+
+def distill_reply_problem(reply: Message, optional_arrays: frozenset[str] = frozenset()) -> str | None:
+    """Why a reply to a distillation request breaks the protocol, or None: it must hold a synthetic set (its
+    ArrayRecord and metadata) or none, optionally the ArrayRecords named in `optional_arrays`, and one
+    MetricRecord of protocol metrics in range."""
+    content = reply.content
+    has_set = SYNTHETIC_KEY in content.array_records
+    arrays = ({SYNTHETIC_KEY} if has_set else set()) | (optional_arrays & set(content.array_records))
+    return record_problem(content, arrays=arrays, configs={META_KEY} if has_set else (), metrics={METRICS}) \
+        or metric_problem(content.metric_records[METRICS], required=(NUM_EXAMPLES, SYNTHETIC_IMAGES),
+                          known_only=True)

@@ -5,17 +5,19 @@ from __future__ import annotations
 from collections.abc import Iterable
 from logging import INFO
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedcl.flower.protocol import DISTILL_MESSAGE, MEMORY_IMAGES
+from fedcl.flower.records import max_set_bytes
 from fedcl.screen import EmbeddingScreen, create_screen
-from fedcl.synthetic import MAX_BYTES
 from fedcl.train import TrainConfig
-from strategies.fed_distill import DISTILL_MESSAGE
+from strategies.boundary import admit
+from strategies.fed_distill import distill_reply_problem, distill_requests
 from strategies.memory import SyntheticMemory, train_on_memory
-from strategies.traffic import Metered
+from strategies.metered import Metered
 
 
 class FedAvgDistill(Metered, FedAvg):
@@ -44,18 +46,23 @@ class FedAvgDistill(Metered, FedAvg):
         "all" keeps every uploaded set, "latest" each client's most recent one.
     max_images_per_client : int (default: 10_000)
         Largest synthetic set accepted from one client, in images.
-    max_bytes_per_client : int (default: 512 MiB)
-        Largest synthetic set accepted from one client, in tensor bytes.
+    max_bytes_per_client : int | None (default: None)
+        Largest reply accepted from one client (tensor bytes plus metadata); None derives it from the expected
+        size, `fedcl.flower.records.max_set_bytes` of `max_images_per_client`.
+    pixel_range : tuple[float, float] | None (default: None)
+        Lowest and highest pixel value a synthetic image may hold; None accepts any finite value.
     screen : str (default: "none")
         Poisoning screen of each round's sets before they enter the memory: "none", or "embedding" (per-class mean
-        embeddings under seeded random ConvNets against the median over clients, `fedcl.screen`); outliers are
-        counted as failures with the screen's reason.
+        embeddings under random ConvNets seeded from server-side secret randomness, against the median over
+        clients, `fedcl.screen`); outliers are counted as failures with the screen's reason.
     screen_threshold : float (default: 2.5)
         Score above which the "embedding" screen refuses a set (honest sets score about 1; must be > 0).
     device : str (default: "auto")
         Where the server fine-tunes.
     seed : int (default: 0)
         Seed of the fine-tuning (offset by the round).
+    max_examples : int
+        As in `strategies.metered.Metered`: the most examples one reply may weigh (larger claims are clipped).
     fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes, weighted_by_key,
     arrayrecord_key, configrecord_key, train_metrics_aggr_fn, evaluate_metrics_aggr_fn :
         As in Flower's `FedAvg`.
@@ -64,15 +71,17 @@ class FedAvgDistill(Metered, FedAvg):
     def __init__(self, *, image_shape: tuple[int, int, int], n_classes: int, model: str = "convnet",
                  model_cfg: dict | None = None, finetune_config: TrainConfig = TrainConfig(epochs=10),
                  distill_rounds: tuple[int, ...] = (1,), memory: str = "latest",
-                 max_images_per_client: int = 10_000, max_bytes_per_client: int = MAX_BYTES, screen: str = "none",
+                 max_images_per_client: int = 10_000, max_bytes_per_client: int | None = None,
+                 pixel_range: tuple[float, float] | None = None, screen: str = "none",
                  screen_threshold: float = EmbeddingScreen.threshold, device: str = "auto", seed: int = 0,
                  **fedavg_options) -> None:
         super().__init__(**fedavg_options)
         self.model, self.model_cfg, self.finetune_config = model, dict(model_cfg or {}), finetune_config
         self.distill_rounds, self.device, self.seed = tuple(distill_rounds), device, seed
-        self.memory = SyntheticMemory(image_shape=image_shape, n_classes=n_classes, policy=memory,
-                                      max_images=max_images_per_client, max_bytes=max_bytes_per_client,
-                                      screen=create_screen(screen, seed=seed, threshold=screen_threshold))
+        self.memory = SyntheticMemory(
+            image_shape=image_shape, n_classes=n_classes, policy=memory, max_images=max_images_per_client,
+            max_bytes=max_bytes_per_client or max_set_bytes(image_shape, n_classes, max_images_per_client),
+            pixel_range=pixel_range, screen=create_screen(screen, threshold=screen_threshold))
 
     def summary(self) -> None:
         super().summary()
@@ -84,9 +93,7 @@ class FedAvgDistill(Metered, FedAvg):
         """FedAvg's train messages, plus a distillation request to the same nodes in `distill_rounds`."""
         messages = list(super().configure_train(server_round, arrays, config, grid))
         if server_round in self.distill_rounds:
-            content = RecordDict({self.configrecord_key: config})
-            messages += [Message(content=content, message_type=DISTILL_MESSAGE, dst_node_id=m.metadata.dst_node_id)
-                         for m in messages]
+            messages += distill_requests(messages, self.arrayrecord_key, with_model=False)
         return messages
 
     def aggregate_train(self, server_round: int,
@@ -95,11 +102,12 @@ class FedAvgDistill(Metered, FedAvg):
         replies = list(replies)
         synthetic = [r for r in replies if r.metadata.message_type == DISTILL_MESSAGE]
         updates = [r for r in replies if r.metadata.message_type != DISTILL_MESSAGE]
-        self.memory.accept(server_round, synthetic, self.traffic)
+        self.memory.accept(server_round, admit(server_round, synthetic, self.traffic, distill_reply_problem),
+                           self.traffic)
         arrays, metrics = super().aggregate_train(server_round, updates)
         if arrays is not None and len(self.memory) > 0:
             arrays = train_on_memory(arrays, self.memory, model=self.model, model_cfg=self.model_cfg,
                                      config=self.finetune_config, device=self.device, seed=self.seed + server_round)
-        metrics = MetricRecord({**(metrics or {}), "memory-images": len(self.memory),
+        metrics = MetricRecord({**(metrics or {}), MEMORY_IMAGES: len(self.memory),
                                 **self.failure_metrics(server_round)})
         return arrays, metrics

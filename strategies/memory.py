@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, Message
 
-from fedcl.flower.records import SYNTHETIC_KEY, arrays_to_model, model_to_arrays, synset_from_record
+from fedcl.flower.protocol import METRICS, SYNTHETIC_IMAGES, SYNTHETIC_KEY
+from fedcl.flower.records import arrays_to_model, model_to_arrays, synset_from_record
 from fedcl.models import create_model
 from fedcl.screen import EmbeddingScreen
 from fedcl.synthetic import SyntheticSet, SyntheticSetError
@@ -20,25 +21,28 @@ from strategies.traffic import TrafficLog
 
 def declares_nothing(reply: Message) -> bool:
     """True when a reply carries no synthetic set and its metrics say it distilled none (no local data)."""
-    metrics = reply.content.metric_records.get("metrics")
+    metrics = reply.content.metric_records.get(METRICS)
     return (SYNTHETIC_KEY not in reply.content.array_records and metrics is not None
-            and int(metrics.get("synthetic-images", -1)) == 0)
+            and int(metrics.get(SYNTHETIC_IMAGES, -1)) == 0)
 
 
 class SyntheticMemory:
     """Validated synthetic sets by client node: every set ever received ("all") or each client's "latest".
 
     image_shape / n_classes: what every set must match.  max_images / max_bytes: per-set ceilings; a set above
-    them is rejected as oversize.  screen: when given, the valid sets of a round are screened together
+    them is rejected as oversize.  pixel_range: (lowest, highest) pixel value a set may hold (None: any finite
+    value).  screen: when given, the valid sets of a round are screened together
     (`fedcl.screen`) and the outliers are refused as failures with the screen's reason.
     """
 
     def __init__(self, *, image_shape: tuple[int, int, int], n_classes: int, max_images: int, max_bytes: int,
-                 policy: str = "all", screen: EmbeddingScreen | None = None) -> None:
+                 policy: str = "all", pixel_range: tuple[float, float] | None = None,
+                 screen: EmbeddingScreen | None = None) -> None:
         if policy not in ("all", "latest"):
             raise ValueError(f"memory policy must be 'all' or 'latest', got {policy!r}")
         self.image_shape, self.n_classes, self.policy = tuple(image_shape), n_classes, policy
         self.max_images, self.max_bytes, self.screen = max_images, max_bytes, screen
+        self.pixel_range = pixel_range
         self.sets: dict[int, list[SyntheticSet]] = {}
 
     def accept(self, server_round: int, replies: Iterable[Message], traffic: TrafficLog) -> int:
@@ -69,12 +73,25 @@ class SyntheticMemory:
                 continue  # an error is already counted by the metered grid
             node = int(reply.metadata.src_node_id)
             try:
-                arrived.append((node, synset_from_record(reply.content, image_shape=self.image_shape,
-                                                         n_classes=self.n_classes, max_images=self.max_images,
-                                                         max_bytes=self.max_bytes)))
+                synset = synset_from_record(reply.content, image_shape=self.image_shape, n_classes=self.n_classes,
+                                            max_images=self.max_images, max_bytes=self.max_bytes)
+                self._check_pixels(synset)
             except SyntheticSetError as err:
                 traffic.fail(server_round, node, f"rejected synthetic set: {err}")
+            else:
+                arrived.append((node, synset))
         return arrived
+
+    def _check_pixels(self, synset: SyntheticSet) -> None:
+        """Raise SyntheticSetError when a pixel lies outside `pixel_range` (a finite but huge image would wreck
+        the training it enters and the screen's embeddings)."""
+        if self.pixel_range is None or not len(synset):
+            return
+        low, high = self.pixel_range
+        lowest, highest = float(synset.images.min()), float(synset.images.max())
+        if lowest < low or highest > high:
+            raise SyntheticSetError(f"pixels span [{lowest:.3g}, {highest:.3g}], outside the allowed "
+                                    f"[{low:.3g}, {high:.3g}] (the dataset's normalised range plus a margin)")
 
     def add(self, node: int, synset: SyntheticSet) -> None:
         """Store a (validated) set from `node` under the memory policy."""

@@ -1,12 +1,10 @@
 """Per-round communication and failure accounting shared by every fedcl strategy.
 
-`Metered` wraps the Grid a strategy's `start` loop talks through, so every message is counted in one place:
+`MeteredGrid` wraps the Grid a strategy's `start` loop talks through (`strategies.metered.Metered.start`), so
+every message is counted in one place:
 downlink = bytes of every instruction sent, uplink = bytes of every reply received (Flower's `count_bytes` of
 the array, config and metric records: the payload, not the transport framing).  Error replies and nodes that never
 answered are failures with a reason; strategies add their own (e.g. a malformed synthetic set) with `fail`.
-
-`Metered.start` can also resume a run: from `first_round` on, with the traffic log of the rounds before it (what a
-server checkpoint holds), so a restarted server continues the round numbering, the seeds and the counters.
 """
 
 from __future__ import annotations
@@ -17,11 +15,11 @@ from dataclasses import asdict, dataclass, field, fields
 from logging import WARNING
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result, Strategy
 
+from fedcl.flower.protocol import CONFIG, MAX_REASON_CHARS, SERVER_ROUND
 from fedcl.flower.records import record_nbytes
 
 
@@ -38,6 +36,11 @@ class RoundTraffic:
     failures: list[tuple[int, str]] = field(default_factory=list)
 
 
+def bounded(reason: str) -> str:
+    """`reason` cut to at most `MAX_REASON_CHARS` characters (marked with an ellipsis when cut)."""
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[:MAX_REASON_CHARS - 3] + "..."
+
+
 class TrafficLog:
     """Traffic and failures by round number (round 0 = before training)."""
 
@@ -48,7 +51,9 @@ class TrafficLog:
         return self.rounds.setdefault(server_round, RoundTraffic())
 
     def fail(self, server_round: int, node_id: int, reason: str) -> None:
-        """Count node `node_id` as failed in `server_round` and log why."""
+        """Count node `node_id` as failed in `server_round` and log why (the reason cut to `MAX_REASON_CHARS`:
+        it may quote a client's own error text, which must not fill the logs and the checkpoint)."""
+        reason = bounded(reason)
         self[server_round].failures.append((int(node_id), reason))
         log(WARNING, "round %s: client node %s failed: %s", server_round, node_id, reason)
 
@@ -82,10 +87,11 @@ class TrafficLog:
 
 
 class MeteredGrid:
-    """A Grid proxy that counts the bytes of everything sent and received, by the `server-round` in the messages."""
+    """A Grid proxy that counts the bytes of everything sent and received, by the `server-round` in the messages'
+    ConfigRecord `configrecord_key` (the strategy's)."""
 
-    def __init__(self, grid: Grid, traffic: TrafficLog) -> None:
-        self._grid, self._traffic, self._round = grid, traffic, 0
+    def __init__(self, grid: Grid, traffic: TrafficLog, configrecord_key: str = CONFIG) -> None:
+        self._grid, self._traffic, self._round, self._config_key = grid, traffic, 0, configrecord_key
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
@@ -93,8 +99,8 @@ class MeteredGrid:
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         messages = list(messages)
         for msg in messages:
-            config = msg.content.config_records.get("config", {}) if msg.has_content() else {}
-            self._round = int(config.get("server-round", self._round))
+            config = msg.content.config_records.get(self._config_key, {}) if msg.has_content() else {}
+            self._round = int(config.get(SERVER_ROUND, self._round))
         traffic = self._traffic[self._round]
         traffic.messages_sent += len(messages)
         traffic.downlink_bytes += sum(record_nbytes(m.content) for m in messages if m.has_content())
@@ -112,72 +118,3 @@ class MeteredGrid:
             for _ in range(max(0, count)):
                 self._traffic.fail(self._round, node_id, f"no reply within the round timeout ({timeout} s)")
         return replies
-
-
-class Metered:
-    """Mixin for strategies: `self.traffic` holds bytes and failures per round; `start` meters its Grid and can
-    resume a run; `self.client_evaluation` holds the clients' aggregated evaluation metrics by round."""
-
-    traffic: TrafficLog
-    client_evaluation: dict[int, MetricRecord]
-
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
-              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
-              evaluate_fn: Any = None, *, first_round: int = 1, traffic: TrafficLog | None = None) -> Result:
-        """Flower's round loop for rounds `first_round`..`num_rounds`, metered.
-
-        A fresh run starts at round 1.  A resumed one passes the round after its checkpoint, the checkpoint's
-        arrays as `initial_arrays` and its `traffic`; every round then carries its real number (in the messages'
-        `server-round`, the strategy's seeds, the result's keys and the `evaluate_fn` calls, whose first call is
-        for round `first_round - 1`).
-        """
-        if not 1 <= first_round <= num_rounds + 1:
-            raise ValueError(f"first_round must lie in 1..{num_rounds + 1}, got {first_round}")
-        self.traffic = traffic if traffic is not None else TrafficLog()
-        self.client_evaluation = {}
-        offset = first_round - 1
-        shifted_evaluate = None if evaluate_fn is None else (lambda r, arrays: evaluate_fn(r + offset, arrays))
-        result = Strategy.start(_RoundsFrom(self, offset), MeteredGrid(grid, self.traffic),  # type: ignore[arg-type]
-                                initial_arrays, num_rounds - offset, timeout, train_config, evaluate_config,
-                                shifted_evaluate)
-        for history in (result.train_metrics_clientapp, result.evaluate_metrics_clientapp,
-                        result.evaluate_metrics_serverapp):
-            shifted = {r + offset: metrics for r, metrics in history.items()}
-            history.clear()
-            history.update(shifted)
-        return result
-
-    def failure_metrics(self, server_round: int) -> MetricRecord:
-        """Failures so far in this round, as metrics for the round's MetricRecord."""
-        traffic = self.traffic[server_round]
-        return MetricRecord({"clients-failed": len(traffic.failures), "clients-screened": traffic.screened})
-
-
-class _RoundsFrom:
-    """The strategy as Flower's round loop sees it: loop round r is the strategy's round r + offset.
-
-    Flower's `Strategy.start` always counts rounds from 1; this view forwards the four round callbacks with the real
-    round number (and records the clients' evaluation metrics), everything else straight to the strategy.
-    """
-
-    def __init__(self, strategy: Metered, offset: int) -> None:
-        self._strategy, self._offset = strategy, offset
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._strategy, name)
-
-    def configure_train(self, server_round: int, *args: Any) -> Any:
-        return self._strategy.configure_train(server_round + self._offset, *args)  # type: ignore[attr-defined]
-
-    def aggregate_train(self, server_round: int, replies: Any) -> Any:
-        return self._strategy.aggregate_train(server_round + self._offset, replies)  # type: ignore[attr-defined]
-
-    def configure_evaluate(self, server_round: int, *args: Any) -> Any:
-        return self._strategy.configure_evaluate(server_round + self._offset, *args)  # type: ignore[attr-defined]
-
-    def aggregate_evaluate(self, server_round: int, replies: Any) -> Any:
-        metrics = self._strategy.aggregate_evaluate(server_round + self._offset,  # type: ignore[attr-defined]
-                                                    replies)
-        if metrics is not None:
-            self._strategy.client_evaluation[server_round + self._offset] = metrics
-        return metrics

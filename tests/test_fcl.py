@@ -18,7 +18,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from fedcl.continual_metrics import step_metrics
 from fedcl.data.streams import class_groups, groups_seen, task_order
 from fedcl.distill import create_distiller
-from fedcl.flower import continual_client
+from fedcl.flower import client_app, continual_client
 from fedcl.flower.records import SYNTHETIC_KEY, model_to_arrays, synset_from_record, synset_to_record
 from fedcl.flower.settings import FedSettings
 from fedcl.flower.simulation import QUIET_ENV
@@ -149,10 +149,10 @@ def test_the_replay_dsa_setting_reaches_the_clients_training(monkeypatch, tmp_pa
     monkeypatch.setattr(continual_client, "train_model", lambda *a, **k: seen.append(a[3]) or [0.0])
     settings = FedSettings(**TINY, strategy="fedavg-replay", replay_dsa=True)
     node = _node(tmp_path)
-    continual_client.distill_task(_instruction(settings, 0, "train.distill"), node)
+    client_app.distill(_instruction(settings, 0, "train.distill"), node)
     with torch.random.fork_rng():
         net = create_model("convnet", (1, 8, 8), 10, width=16)
-    continual_client.train_task(_instruction(settings, 1, "train", arrays=model_to_arrays(net)), node)
+    client_app.train(_instruction(settings, 1, "train", arrays=model_to_arrays(net)), node)
     assert [c.replay_dsa for c in seen] == [True]
     assert FedSettings.from_config({"replay-dsa": "true"}).replay_dsa and not FedSettings().replay_dsa
 
@@ -181,7 +181,7 @@ def _node(tmp_path: Path) -> Context:
 def test_a_client_restarted_between_tasks_resumes_its_memory_from_disk(tmp_path):
     settings = FedSettings(**TINY, strategy="fed-distill-server")
     first = _node(tmp_path)
-    reply = continual_client.distill_task(_instruction(settings, 0, "train.distill"), first)
+    reply = client_app.distill(_instruction(settings, 0, "train.distill"), first)
     uploaded = synset_from_record(reply.content, image_shape=(1, 8, 8), n_classes=10)
     before = continual_client.load_memory(settings, first)
     assert len(before) == len(uploaded) <= settings.ipc * 5 and (tmp_path / "run-7" / "memory.json").is_file()
@@ -194,9 +194,9 @@ def test_a_client_restarted_between_tasks_resumes_its_memory_from_disk(tmp_path)
     with torch.random.fork_rng():
         net = create_model("convnet", (1, 8, 8), 10, width=16)
     train = _instruction(settings, 1, "train", arrays=model_to_arrays(net))
-    reply = continual_client.train_task(train, restarted)
+    reply = client_app.train(train, restarted)
     assert isinstance(reply.content["arrays"], ArrayRecord) and reply.content["metrics"]["num-examples"] > 0
-    continual_client.distill_task(_instruction(settings, 1, "train.distill"), restarted)
+    client_app.distill(_instruction(settings, 1, "train.distill"), restarted)
     after = continual_client.load_memory(settings, _node(tmp_path))
     assert sorted(after.sets) == [0, 1] and after.sets[0].images.equal(before.sets[0].images)
     assert len(after) <= settings.ipc * len(after.seen_classes())  # the budget: ipc images per class held
@@ -230,7 +230,7 @@ def test_a_rehearsing_client_trains_the_sent_model_on_its_memory_alone(monkeypat
     node = _node(tmp_path)
     with torch.random.fork_rng():
         sent = model_to_arrays(create_model("convnet", (1, 8, 8), 10, width=16))
-    reply = continual_client.distill_task(_instruction(settings, 0, "train.distill", arrays=sent), node)
+    reply = client_app.distill(_instruction(settings, 0, "train.distill", arrays=sent), node)
     memory = continual_client.load_memory(settings, node)
     assert reply.content["metrics"]["rehearsal-examples"] == len(memory) > 0
     assert len(trained) == 1 and trained[0][0].equal(memory.labelled()[0]) and trained[0][1].epochs == 2
@@ -240,7 +240,7 @@ def test_a_rehearsing_client_trains_the_sent_model_on_its_memory_alone(monkeypat
                for k in sent)
 
     plain = FedSettings(**TINY, strategy="fedavg-replay")
-    reply = continual_client.distill_task(_instruction(plain, 0, "train.distill"), _node(tmp_path / "plain"))
+    reply = client_app.distill(_instruction(plain, 0, "train.distill"), _node(tmp_path / "plain"))
     assert "arrays" not in reply.content.array_records and "rehearsal-examples" not in reply.content["metrics"]
     assert not FedSettings(**TINY, strategy="fedavg", rehearsal_epochs=2).rehearses  # no memory, no rehearsal
     with pytest.raises(ValueError, match="rehearsal-epochs"):
@@ -260,15 +260,16 @@ def test_the_server_averages_the_rehearsed_models_by_the_images_each_trained_on(
     assert "arrays" in messages[0].content.array_records  # the model the clients rehearse
 
     def reply(arrays: ArrayRecord | None, n: int) -> SimpleNamespace:
-        content = RecordDict({"metrics": MetricRecord({"rehearsal-examples": n})})
+        content = RecordDict({"metrics": MetricRecord({"num-examples": 5, "memory-images": n, "synthetic-images": 0,
+                                                       "task": 0, "rehearsal-examples": n})})
         if arrays is not None:
             content["arrays"] = arrays
         return SimpleNamespace(content=content, has_error=lambda: False, metadata=SimpleNamespace(src_node_id=n))
 
     replies = [reply(layer(1.0), 10), reply(layer(4.0), 30), reply(layer(9.0, (3, 2)), 100), reply(None, 0)]
-    strategy.traffic = TrafficLog()  # what `start` sets up
     arrays, _ = strategy.aggregate_train(2, replies)
     assert np.allclose(arrays["w"].numpy(), 0.25 * 1.0 + 0.75 * 4.0)  # the wrong-shaped model is left out
+    assert [node for node, _ in strategy.traffic[2].failures] == [100]
 
 
 def test_a_continual_simulation_with_rehearsal_sends_and_averages_the_model_at_each_task_end(tmp_path):

@@ -77,9 +77,9 @@ def test_one_odd_class_does_not_get_an_honest_set_refused_but_a_flipped_set_is()
 def test_the_threshold_decides_and_must_be_positive():
     sets = _honest_sets("iid")
     sets[1] = _flipped(sets[1])
-    scores = EmbeddingScreen()(sets).scores
-    assert EmbeddingScreen(threshold=scores[1] + 0.01)(sets).outliers == []
-    assert EmbeddingScreen(threshold=max(scores) - 0.01)(sets).outliers == [1]
+    scores = EmbeddingScreen(seed=0)(sets).scores
+    assert EmbeddingScreen(seed=0, threshold=scores[1] + 0.01)(sets).outliers == []
+    assert EmbeddingScreen(seed=0, threshold=max(scores) - 0.01)(sets).outliers == [1]
     with pytest.raises(ValueError, match="threshold must be > 0"):
         EmbeddingScreen(threshold=0.0)
 
@@ -88,6 +88,19 @@ def test_too_few_sets_are_not_judged():
     sets = _honest_sets("iid", n_clients=2)
     verdict = EmbeddingScreen()([sets[0], _noise(sets[1])])
     assert verdict.outliers == [] and all(s != s for s in verdict.scores)  # NaN: no peers to compare with
+
+
+def test_the_screen_networks_come_from_secret_randomness_not_the_run_seed():
+    seeds = {EmbeddingScreen().seed for _ in range(4)} | {create_screen("embedding").seed for _ in range(4)}
+    assert len(seeds) == 8  # drawn by `secrets`: a client knowing the run's seed cannot rebuild the networks
+
+
+def test_a_set_without_a_score_is_refused_when_there_are_peers():
+    sets = _honest_sets("iid")
+    sets[2] = SyntheticSet(torch.full_like(sets[2].images, float("inf")), sets[2].labels, sets[2].meta)
+    verdict = EmbeddingScreen(seed=0)(sets)
+    assert 2 in verdict.outliers and "screened out" in verdict.reasons[2]
+    assert not any(verdict.scores[i] != verdict.scores[i] for i in verdict.kept())  # every kept set has a score
 
 
 def test_create_screen_by_name():

@@ -10,7 +10,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from fedcl.data import load_dataset
 from fedcl.data.streams import class_groups
 from fedcl.distill import create_distiller
-from fedcl.flower import continual_client
+from fedcl.flower import client_app, continual_client
 from fedcl.flower.records import model_to_arrays, synset_from_record
 from fedcl.flower.settings import FedSettings
 from fedcl.memory import DistilledMemory
@@ -116,7 +116,7 @@ def _node() -> Context:
 def test_a_client_labels_its_new_memory_with_the_global_model_and_replays_it():
     settings = FedSettings(**TINY, strategy="fed-distill-server")
     node, arrays = _node(), model_to_arrays(_net())
-    reply = continual_client.distill_task(_instruction(settings, 0, "train.distill", arrays=arrays), node)
+    reply = client_app.distill(_instruction(settings, 0, "train.distill", arrays=arrays), node)
     uploaded = synset_from_record(reply.content, image_shape=(1, 8, 8), n_classes=10)
     memory = continual_client.load_memory(settings, node)
     held = memory.sets[next(iter(memory.sets))]
@@ -129,7 +129,7 @@ def test_a_client_labels_its_new_memory_with_the_global_model_and_replays_it():
     replay = continual_client.replay_data(settings, _instruction(settings, 1, "train"), node,
                                           load_dataset("digits"))
     assert replay is not None and replay[1].shape == (len(held), 10)
-    reply = continual_client.train_task(_instruction(settings, 1, "train", arrays=arrays), node)
+    reply = client_app.train(_instruction(settings, 1, "train", arrays=arrays), node)
     assert reply.content["metrics"]["num-examples"] > 0
 
 

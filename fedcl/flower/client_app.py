@@ -23,7 +23,9 @@ from flwr.clientapp import ClientApp
 from fedcl.distill import Source, create_distiller
 from fedcl.flower import continual_client
 from fedcl.flower.guided_dm import GlobalModelDM
-from fedcl.flower.node import global_model, local_data, message_settings
+from fedcl.flower.node import client_seed, global_model, local_data, message_settings
+from fedcl.flower.protocol import (ARRAYS, DISTILL_ACTION, DISTILL_SECONDS, LOCAL_ACCURACY, METRICS, NUM_EXAMPLES,
+                                   SYNTHETIC_IMAGES, TRAIN_LOSS)
 from fedcl.flower.records import model_to_arrays, synset_to_record
 from fedcl.runtime import resolve_device
 from fedcl.train import TrainConfig, evaluate_model, train_model
@@ -31,19 +33,19 @@ from fedcl.train import TrainConfig, evaluate_model, train_model
 app = ClientApp()
 
 
-@app.train("distill")
+@app.train(DISTILL_ACTION)
 def distill(msg: Message, context: Context) -> Message:
     """Distil the local partition; guided by the global model when the instruction carries one."""
-    settings, server_round = message_settings(msg)
+    settings, server_round, task = message_settings(msg)
     if settings.scenario == "continual":
-        return continual_client.distill_task(msg, context)
+        return continual_client.distill_task(msg, context, settings, server_round, task)
     dataset, images, labels, pid = local_data(settings, context)
     images, labels = well_held_classes(images, labels, settings.min_class_images)
     options = dict(model=settings.model, model_cfg=settings.model_cfg, device=settings.device,
-                   seed=settings.seed * 100_003 + pid * 1009 + server_round, iterations=settings.distill_iterations,
+                   seed=client_seed(settings.seed, pid, server_round), iterations=settings.distill_iterations,
                    batch_real=settings.batch_real)
-    if "arrays" in msg.content.array_records:
-        state = global_model(settings, dataset, msg.content.array_records["arrays"]).state_dict()
+    if ARRAYS in msg.content.array_records:
+        state = global_model(settings, dataset, msg.content.array_records[ARRAYS]).state_dict()
         distiller = GlobalModelDM(global_state=state, noise=settings.guide_noise, **options)
     else:
         distiller = create_distiller("dm", **options)
@@ -51,8 +53,8 @@ def distill(msg: Message, context: Context) -> Message:
     synset = distiller.distill(images, labels, ipc=settings.ipc, n_classes=dataset.n_classes,
                                source=Source.of(dataset))
     content = synset_to_record(synset, settings.upload_dtype)
-    content["metrics"] = MetricRecord({"num-examples": int(labels.numel()), "synthetic-images": len(synset),
-                                       "distill-seconds": time.perf_counter() - start})
+    content[METRICS] = MetricRecord({NUM_EXAMPLES: int(labels.numel()), SYNTHETIC_IMAGES: len(synset),
+                                     DISTILL_SECONDS: time.perf_counter() - start})
     return Message(content=content, reply_to=msg)
 
 
@@ -70,26 +72,26 @@ def well_held_classes(images: torch.Tensor, labels: torch.Tensor,
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """FedAvg local update: `local-epochs` of SGD on the partition, starting from the global weights."""
-    settings, server_round = message_settings(msg)
+    settings, server_round, task = message_settings(msg)
     if settings.scenario == "continual":
-        return continual_client.train_task(msg, context)
+        return continual_client.train_task(msg, context, settings, server_round, task)
     dataset, images, labels, pid = local_data(settings, context)
-    net = global_model(settings, dataset, msg.content.array_records["arrays"])
+    net = global_model(settings, dataset, msg.content.array_records[ARRAYS])
     config = TrainConfig(epochs=settings.local_epochs, lr=settings.local_lr, batch_size=settings.local_batch_size,
                          decay_at=1.0, dsa=False)
     losses = train_model(net, images, labels, config, device=resolve_device(settings.device),
-                         seed=settings.seed * 100_003 + pid * 1009 + server_round)
-    content = RecordDict({"arrays": model_to_arrays(net),
-                          "metrics": MetricRecord({"num-examples": int(labels.numel()), "train-loss": losses[-1]})})
+                         seed=client_seed(settings.seed, pid, server_round))
+    content = RecordDict({ARRAYS: model_to_arrays(net),
+                          METRICS: MetricRecord({NUM_EXAMPLES: int(labels.numel()), TRAIN_LOSS: losses[-1]})})
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Accuracy of the global model on this client's partition (how well it fits the local distribution)."""
-    settings, _ = message_settings(msg)
+    settings, _, _ = message_settings(msg)
     dataset, images, labels, _ = local_data(settings, context)
-    net = global_model(settings, dataset, msg.content.array_records["arrays"])
+    net = global_model(settings, dataset, msg.content.array_records[ARRAYS])
     accuracy = evaluate_model(net, images, labels, device=resolve_device(settings.device))
-    content = RecordDict({"metrics": MetricRecord({"num-examples": int(labels.numel()), "local-accuracy": accuracy})})
+    content = RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: int(labels.numel()), LOCAL_ACCURACY: accuracy})})
     return Message(content=content, reply_to=msg)

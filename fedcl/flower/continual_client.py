@@ -26,8 +26,10 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from fedcl.data import ImageDataset
 from fedcl.data.streams import class_groups, task_order
 from fedcl.distill import Source, create_distiller
-from fedcl.flower.node import global_model, local_data, message_settings
-from fedcl.flower.records import SYNTHETIC_KEY, model_to_arrays, synset_from_record, synset_to_record
+from fedcl.flower.node import client_seed, global_model, local_data
+from fedcl.flower.protocol import (ARRAYS, MEMORY_IMAGES, METRICS, NUM_EXAMPLES, REHEARSAL_EXAMPLES, SYNTHETIC_IMAGES,
+                                   SYNTHETIC_KEY, TASK, TRAIN_LOSS)
+from fedcl.flower.records import model_to_arrays, synset_from_record, synset_to_record
 from fedcl.flower.settings import FedSettings
 from fedcl.memory import DistilledMemory
 from fedcl.runtime import resolve_device
@@ -118,19 +120,17 @@ def soft_labels(settings: FedSettings, msg: Message, dataset: ImageDataset, pid:
     the image when it entered the memory."""
     groups = task_order(settings.tasks, pid, settings.task_order, settings.seed)[:task + 1]
     met = sorted(c for g in groups for c in class_groups(dataset.n_classes, settings.tasks, settings.seed)[g])
-    net = global_model(settings, dataset, msg.content.array_records["arrays"])
+    net = global_model(settings, dataset, msg.content.array_records[ARRAYS])
     predicted = soft_predictions(net, synset.images, temperature=settings.label_temperature, classes=met,
                                  device=resolve_device(settings.device))
     return 0.5 * torch.nn.functional.one_hot(synset.hard_labels, dataset.n_classes).float() + 0.5 * predicted
 
 
-def train_task(msg: Message, context: Context) -> Message:
-    """FedAvg local update on the current task, with replay; replies with the weights (weighted by the task's
-    examples)."""
-    settings, server_round = message_settings(msg)
-    task = int(msg.content.config_records["config"]["task"])
+def train_task(msg: Message, context: Context, settings: FedSettings, server_round: int, task: int) -> Message:
+    """FedAvg local update on task `task`, with replay; replies with the weights (weighted by the task's
+    examples).  `settings`, `server_round` and `task` are what the ClientApp parsed from `msg`."""
     dataset, images, labels, pid, _ = task_data(settings, context, task)
-    net = global_model(settings, dataset, msg.content.array_records["arrays"])
+    net = global_model(settings, dataset, msg.content.array_records[ARRAYS])
     replay = replay_data(settings, msg, context, dataset)
     n_new = int(labels.numel())
     if n_new == 0 and replay is not None:
@@ -138,17 +138,15 @@ def train_task(msg: Message, context: Context) -> Message:
     config = TrainConfig(epochs=settings.local_epochs, lr=settings.local_lr, batch_size=settings.local_batch_size,
                          decay_at=1.0, dsa=False, replay_dsa=settings.replay_dsa)
     losses = train_model(net, images, labels, config, device=resolve_device(settings.device),
-                         seed=settings.seed * 100_003 + pid * 1009 + server_round, replay=replay,
+                         seed=client_seed(settings.seed, pid, server_round), replay=replay,
                          replay_batch_size=settings.replay_batch_size) if len(labels) else [0.0]
-    metrics = MetricRecord({"num-examples": n_new, "train-loss": losses[-1], "task": task})
-    return Message(content=RecordDict({"arrays": model_to_arrays(net), "metrics": metrics}), reply_to=msg)
+    metrics = MetricRecord({NUM_EXAMPLES: n_new, TRAIN_LOSS: losses[-1], TASK: task})
+    return Message(content=RecordDict({ARRAYS: model_to_arrays(net), METRICS: metrics}), reply_to=msg)
 
 
-def distill_task(msg: Message, context: Context) -> Message:
-    """Distil the current task's local data into the memory (ipc images per class); upload the new set when the
-    strategy keeps a server memory."""
-    settings, _ = message_settings(msg)
-    task = int(msg.content.config_records["config"]["task"])
+def distill_task(msg: Message, context: Context, settings: FedSettings, server_round: int, task: int) -> Message:
+    """Distil task `task`'s local data into the memory (ipc images per class); upload the new set when the
+    strategy keeps a server memory.  `settings`, `server_round` and `task` are what the ClientApp parsed."""
     dataset, images, labels, pid, group = task_data(settings, context, task)
     if settings.memory_distiller is None:
         raise ValueError(f"strategy {settings.strategy!r} keeps no memory; nothing to distil")
@@ -158,7 +156,7 @@ def distill_task(msg: Message, context: Context) -> Message:
         options = {"iterations": settings.distill_iterations, "batch_real": settings.batch_real} \
             if settings.memory_distiller == "dm" else {}
         distiller = create_distiller(settings.memory_distiller, model=settings.model, model_cfg=settings.model_cfg,
-                                     device=settings.device, seed=settings.seed * 100_003 + pid * 1009 + task,
+                                     device=settings.device, seed=client_seed(settings.seed, pid, task),
                                      **options)
         synset = memory.add(group, images, labels, distiller, n_classes=dataset.n_classes,
                             source=Source.of(dataset))
@@ -166,26 +164,25 @@ def distill_task(msg: Message, context: Context) -> Message:
             synset = memory.relabel(group, soft_labels(settings, msg, dataset, pid, synset, task))
         store_memory(memory, context)
     content = synset_to_record(synset, settings.upload_dtype) if settings.server_memory and synset else RecordDict()
-    metrics = {"num-examples": int(labels.numel()), "memory-images": len(memory),
-               "synthetic-images": len(synset) if synset else 0, "task": task}
+    metrics = {NUM_EXAMPLES: int(labels.numel()), MEMORY_IMAGES: len(memory),
+               SYNTHETIC_IMAGES: len(synset) if synset else 0, TASK: task}
     if settings.rehearses:
-        metrics["rehearsal-examples"] = rehearse(settings, msg, context, dataset, pid, content)
-    content["metrics"] = MetricRecord(metrics)
+        metrics[REHEARSAL_EXAMPLES] = rehearse(settings, msg, context, dataset, pid, server_round, content)
+    content[METRICS] = MetricRecord(metrics)
     return Message(content=content, reply_to=msg)
 
 
 def rehearse(settings: FedSettings, msg: Message, context: Context, dataset: ImageDataset, pid: int,
-             content: RecordDict) -> int:
+             server_round: int, content: RecordDict) -> int:
     """Train the request's global model `rehearsal-epochs` epochs on the memory alone (and the server's slice),
     put its weights in `content` and return how many images it trained on (0, and no weights, when none)."""
     replay = replay_data(settings, msg, context, dataset)
     if replay is None:
         return 0
-    net = global_model(settings, dataset, msg.content.array_records["arrays"])
-    server_round = int(msg.content.config_records["config"]["server-round"])
+    net = global_model(settings, dataset, msg.content.array_records[ARRAYS])
     config = TrainConfig(epochs=settings.rehearsal_epochs, lr=settings.local_lr, batch_size=settings.local_batch_size,
                          decay_at=1.0, dsa=settings.replay_dsa)
     train_model(net, *replay, config, device=resolve_device(settings.device),
-                seed=settings.seed * 100_003 + pid * 1009 + server_round)
-    content["arrays"] = model_to_arrays(net)
+                seed=client_seed(settings.seed, pid, server_round))
+    content[ARRAYS] = model_to_arrays(net)
     return len(replay[1])

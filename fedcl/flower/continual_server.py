@@ -21,7 +21,8 @@ from fedcl.continual_metrics import step_metrics
 from fedcl.data import ImageDataset, load_dataset
 from fedcl.data.streams import class_groups, groups_seen
 from fedcl.flower.results import write_task_results
-from fedcl.flower.server_app import start_strategy
+from fedcl.flower.loop import sampling, start_strategy
+from fedcl.flower.records import pixel_window
 from fedcl.flower.settings import FedSettings
 from fedcl.runtime import resolve_device
 from fedcl.train import TrainConfig, evaluate_model
@@ -37,10 +38,9 @@ def build_continual_strategy(settings: FedSettings, dataset: ImageDataset) -> Co
                            server_memory=settings.server_memory, model=settings.model, model_cfg=settings.model_cfg,
                            distill_with_model=settings.label_temperature > 0, rehearse=settings.rehearses,
                            finetune_config=finetune, slice_ipc=settings.ipc,
-                           max_images_per_client=settings.ipc * dataset.n_classes, device=settings.device,
-                           seed=settings.seed, fraction_train=settings.fraction_train,
-                           fraction_evaluate=settings.fraction_evaluate, min_train_nodes=settings.min_nodes,
-                           min_evaluate_nodes=settings.min_nodes, min_available_nodes=settings.min_nodes)
+                           max_images_per_client=settings.ipc * dataset.n_classes,
+                           pixel_range=pixel_window(dataset.mean, dataset.std), device=settings.device,
+                           seed=settings.seed, **sampling(settings, dataset))
 
 
 def group_scorer(settings: FedSettings, dataset: ImageDataset,

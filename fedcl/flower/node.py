@@ -12,6 +12,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message
 
 from fedcl.data import ImageDataset, load_dataset, partition
+from fedcl.flower.protocol import CONFIG, SERVER_ROUND, TASK
 from fedcl.flower.records import arrays_to_model
 from fedcl.flower.settings import FedSettings
 from fedcl.models import create_model
@@ -43,10 +44,17 @@ def local_data(settings: FedSettings, context: Context) -> tuple[ImageDataset, t
     return dataset, dataset.train_images[index], dataset.train_labels[index], pid
 
 
-def message_settings(msg: Message) -> tuple[FedSettings, int]:
-    """The run settings and the server round carried by an instruction's ConfigRecord `config`."""
-    config = msg.content.config_records.get("config", {})
-    return FedSettings.from_config(config), int(config.get("server-round", 1))
+def message_settings(msg: Message) -> tuple[FedSettings, int, int]:
+    """(settings, server round, task) carried by an instruction's ConfigRecord: parsed once per message by the
+    handler, which passes them down (task 0 outside the continual scenario)."""
+    config = msg.content.config_records.get(CONFIG, {})
+    return FedSettings.from_config(config), int(config.get(SERVER_ROUND, 1)), int(config.get(TASK, 0))
+
+
+def client_seed(run_seed: int, pid: int, step: int) -> int:
+    """The seed of partition `pid`'s work at one step (a server round, or a task for a continual memory):
+    distinct for every (run seed, partition, step), so no two clients or rounds share a random stream."""
+    return run_seed * 100_003 + pid * 1009 + step
 
 
 def global_model(settings: FedSettings, dataset: ImageDataset, arrays: ArrayRecord) -> torch.nn.Module:

@@ -9,6 +9,7 @@ must match its data, and the rebuilt set must pass `SyntheticSet.validate` again
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -16,16 +17,21 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from torch import nn
 
+from fedcl.flower.protocol import META_JSON, META_KEY, SYNTHETIC_KEY
 from fedcl.synthetic import MAX_BYTES, MAX_IMAGES, SyntheticSet, SyntheticSetError
 
-#: RecordDict keys of a synthetic set's tensors and of its metadata.
-SYNTHETIC_KEY = "synthetic"
-META_KEY = "synthetic-meta"
+__all__ = ["IMAGE_DTYPES", "META_KEY", "PIXEL_MARGIN", "SET_SLACK", "SYNTHETIC_KEY", "arrays_to_model",
+           "max_set_bytes", "model_to_arrays", "pixel_window", "record_nbytes", "synset_from_record",
+           "synset_to_record"]
 _ALLOWED_DTYPES = {"images": {"float32", "float16"}, "labels": {"int64", "float32"}, "lrs": {"float32"}}
 #: Wire formats of the images: float16 halves the upload (synthetic pixels are normalised values of order 1).
 IMAGE_DTYPES = ("float32", "float16")
 #: Allowance for numpy's .npy headers on top of the tensor bytes.
 _HEADER_SLACK = 1024
+#: Allowance on top of a set's tensor bytes for its metadata JSON (method facts, normalisation, version).
+SET_SLACK = 16 * 1024
+#: How far beyond the dataset's normalised range a synthetic pixel may lie, in widths of that range.
+PIXEL_MARGIN = 1.0
 
 
 def synset_to_record(synset: SyntheticSet, image_dtype: str = "float32") -> RecordDict:
@@ -39,22 +45,48 @@ def synset_to_record(synset: SyntheticSet, image_dtype: str = "float32") -> Reco
     tensors = synset.to_tensors()
     tensors["images"] = tensors["images"].to(getattr(torch, image_dtype))
     arrays = ArrayRecord({name: Array(t.detach().cpu().contiguous().numpy()) for name, t in tensors.items()})
-    return RecordDict({SYNTHETIC_KEY: arrays, META_KEY: ConfigRecord({"meta": synset.meta.to_json()})})
+    return RecordDict({SYNTHETIC_KEY: arrays, META_KEY: ConfigRecord({META_JSON: synset.meta.to_json()})})
+
+
+def max_set_bytes(image_shape: tuple[int, ...], n_classes: int, n_images: int) -> int:
+    """The most bytes a valid set of `n_images` images may hold (float32 images, soft float32 labels, a learned
+    rate per image, and `SET_SLACK` for headers and metadata): the per-reply cap a server derives from what it
+    asked for (ipc x classes images) instead of a fixed ceiling."""
+    pixels = math.prod(image_shape)
+    return n_images * 4 * (pixels + max(n_classes, 2) + 1) + SET_SLACK
+
+
+def pixel_window(mean: tuple[float, ...], std: tuple[float, ...],
+                 margin: float = PIXEL_MARGIN) -> tuple[float, float]:
+    """(lowest, highest) pixel value a received synthetic image may hold: the normalised range of a dataset whose
+    raw pixels lie in [0, 1] (per channel (0 - mean) / std .. (1 - mean) / std, widest over channels), widened on
+    each side by `margin` times its width.  Distilled images drift a little beyond the real range; a set far
+    outside it (pixels of 1e30 are finite) would wreck whatever trains on it."""
+    low = min(-m / s for m, s in zip(mean, std))
+    high = max((1 - m) / s for m, s in zip(mean, std))
+    return low - margin * (high - low), high + margin * (high - low)
 
 
 def synset_from_record(content: RecordDict, *, image_shape: tuple[int, ...] | None = None,
                        n_classes: int | None = None, max_images: int = MAX_IMAGES,
                        max_bytes: int = MAX_BYTES) -> SyntheticSet:
-    """Decode and validate the synthetic set in a received RecordDict; raise SyntheticSetError if it is malformed."""
+    """Decode and validate the synthetic set in a received RecordDict; raise SyntheticSetError if it is malformed.
+
+    The byte size (arrays plus metadata) and the declared image count are checked before anything is decoded,
+    so an oversize reply costs no copy."""
     if SYNTHETIC_KEY not in content.array_records:
         raise SyntheticSetError(f"message carries no synthetic set (no ArrayRecord {SYNTHETIC_KEY!r})")
     arrays = content.array_records[SYNTHETIC_KEY]
-    size = arrays.count_bytes()
+    meta = content.config_records.get(META_KEY, {}).get(META_JSON)
+    if not isinstance(meta, str):
+        raise SyntheticSetError(f"message carries no synthetic-set metadata (ConfigRecord {META_KEY!r}, "
+                                f"key {META_JSON!r})")
+    size = arrays.count_bytes() + len(meta)
     if size > max_bytes + _HEADER_SLACK * len(arrays):
         raise SyntheticSetError(f"synthetic set is oversize: {size} bytes > limit {max_bytes}")
-    meta = content.config_records.get(META_KEY, {}).get("meta")
-    if not isinstance(meta, str):
-        raise SyntheticSetError(f"message carries no synthetic-set metadata (ConfigRecord {META_KEY!r}, key 'meta')")
+    declared = arrays["images"].shape if "images" in arrays else ()
+    if declared and declared[0] > max_images:
+        raise SyntheticSetError(f"synthetic set is oversize: {declared[0]} images > limit {max_images}")
     tensors = {name: _decode(name, array) for name, array in arrays.items()}
     if "images" in tensors:
         tensors["images"] = tensors["images"].float()  # float16 on the wire; overflow shows up as Inf

@@ -9,43 +9,39 @@ round the server also writes its checkpoint, from which `resume` continues a run
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from logging import INFO
-from pathlib import Path
 from typing import Any
 
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import Result, Strategy
+from flwr.serverapp.strategy import Strategy
 from torch import nn
 
 from fedcl.data import ImageDataset, load_dataset
-from fedcl.flower.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from fedcl.flower.records import arrays_to_model, model_to_arrays
-from fedcl.flower.results import write_results, write_rounds_csv
+from fedcl.flower.continual_server import run_continual
+from fedcl.flower.loop import initial_model, sampling, start_strategy, starting_point
+from fedcl.flower.records import model_to_arrays, pixel_window
+from fedcl.flower.results import write_results
 from fedcl.flower.settings import FedSettings
-from fedcl.models import create_model
-from fedcl.runtime import resolve_device, seeded
+from fedcl.runtime import resolve_device
 from fedcl.train import TrainConfig, evaluate_model
-from strategies import FedAvgDistill, FedDistill, Metered, MeteredFedAvg, TrafficLog
+from strategies import AGGREGATORS, FedAvgDistill, FedDistill
 
 
 def build_strategy(settings: FedSettings, dataset: ImageDataset) -> Strategy:
-    """The strategy named by `settings.strategy`, configured from the settings."""
-    sampling = dict(fraction_train=settings.fraction_train, fraction_evaluate=settings.fraction_evaluate,
-                    min_train_nodes=settings.min_nodes, min_evaluate_nodes=settings.min_nodes,
-                    min_available_nodes=settings.min_nodes)
-    if settings.strategy == "fedavg":
-        return MeteredFedAvg(**sampling)
+    """The strategy `settings.behaviour` names, configured from the settings."""
+    if settings.behaviour.server == "fedavg":
+        robust = {"krum": {"num_malicious_nodes": max(0, (settings.min_nodes - 3) // 2)}}
+        return AGGREGATORS[settings.aggregation](**sampling(settings, dataset),
+                                                 **robust.get(settings.aggregation, {}))
     common = dict(image_shape=dataset.image_shape, n_classes=dataset.n_classes, model=settings.model,
                   model_cfg=settings.model_cfg, max_images_per_client=settings.ipc * dataset.n_classes,
-                  memory=settings.memory, screen=settings.screen, screen_threshold=settings.screen_threshold,
-                  device=settings.device, seed=settings.seed, **sampling)
+                  pixel_range=pixel_window(dataset.mean, dataset.std), memory=settings.memory,
+                  screen=settings.screen, screen_threshold=settings.screen_threshold, device=settings.device,
+                  seed=settings.seed, **sampling(settings, dataset))
     server_training = dict(lr=settings.server_lr, batch_size=settings.server_batch_size, dsa=True)
-    if settings.strategy == "fed-distill":
+    if settings.behaviour.server == "fed-distill":
         return FedDistill(train_config=TrainConfig(epochs=settings.server_epochs, **server_training), **common)
     return FedAvgDistill(finetune_config=TrainConfig(epochs=settings.finetune_epochs, decay_at=1.0, **server_training),
                          **common)
@@ -59,8 +55,6 @@ def run_federation(grid: Grid, settings: FedSettings) -> list[dict[str, Any]]:
     scenario is run by `fedcl.flower.continual_server.run_continual`.
     """
     if settings.scenario == "continual":
-        from fedcl.flower.continual_server import run_continual
-
         return run_continual(grid, settings)
     dataset = load_dataset(settings.dataset, settings.data_root or None)
     device = resolve_device(settings.device)
@@ -76,86 +70,14 @@ def run_federation(grid: Grid, settings: FedSettings) -> list[dict[str, Any]]:
     return rows
 
 
-def start_strategy(grid: Grid, settings: FedSettings, strategy: Metered, dataset: ImageDataset, num_rounds: int,
-                   score: Callable[[nn.Module, int], dict[str, float]], *,
-                   checkpoint: bool = False) -> tuple[list[dict[str, Any]], Result]:
-    """Run `strategy` for `num_rounds` from the seeded initial model, scoring the global model with
-    `score(net, round)` (which must return at least "accuracy") before training and after every round.
-
-    With `checkpoint`, every completed round is checkpointed under out_dir (`fedcl.flower.checkpoint`) and
-    rounds.csv rewritten, and `settings.resume` continues from the checkpoint's next round (the rounds before it
-    are not scored again: their accuracy comes from the checkpoint).
-    Returns the rows of rounds.csv and Flower's Result (whose evaluate_metrics_serverapp hold every score)."""
-    model = _global_model(settings, dataset)
-    initial, rows, traffic = _starting_point(settings, strategy, model_to_arrays(model)) if checkpoint \
-        else (model_to_arrays(model), [], None)
-    start = time.perf_counter() - (float(rows[-1]["seconds"]) if rows else 0.0)
-
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        if rows and server_round <= rows[-1]["round"]:  # resumed: this model was evaluated before the restart
-            return MetricRecord({"accuracy": float(rows[server_round]["accuracy"])})
-        scores = score(arrays_to_model(model, arrays), server_round)
-        rows.append(_row(server_round, scores["accuracy"], strategy, rows, time.perf_counter() - start))
-        if checkpoint and server_round > 0:
-            save_checkpoint(settings.out_dir, settings=settings.to_config(), server_round=server_round,
-                            arrays=arrays, rows=rows, traffic=strategy.traffic,
-                            memory=getattr(strategy, "memory", None))
-            write_rounds_csv(rows, Path(settings.out_dir) / "rounds.csv")
-        return MetricRecord(scores)
-
-    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=num_rounds, timeout=settings.round_timeout,
-                            train_config=ConfigRecord(settings.to_config()),
-                            evaluate_config=ConfigRecord(settings.to_config()), evaluate_fn=evaluate,
-                            first_round=len(rows) or 1, traffic=traffic)  # rows hold rounds 0..k after round k
-    return rows, result
-
-
 def resume_round(settings: FedSettings) -> int:
     """The last completed round a run with `settings` would resume after (0: none, it starts afresh); raises
     CheckpointError if the checkpoint cannot be resumed.  `fedcl simulate --resume` checks this before it starts
     the simulation, so a bad checkpoint is a clear error instead of a failed ServerApp inside Ray."""
     dataset = load_dataset(settings.dataset, settings.data_root or None)
-    _, rows, _ = _starting_point(settings, build_strategy(settings, dataset),
-                                 model_to_arrays(_global_model(settings, dataset)))
+    _, rows, _ = starting_point(settings, build_strategy(settings, dataset),
+                                model_to_arrays(initial_model(settings, dataset)))
     return max(0, len(rows) - 1)
-
-
-def _global_model(settings: FedSettings, dataset: ImageDataset) -> torch.nn.Module:
-    """The global model at its seeded initialisation."""
-    with seeded(settings.seed):
-        return create_model(settings.model, dataset.image_shape, dataset.n_classes, **settings.model_cfg)
-
-
-def _starting_point(settings: FedSettings, strategy: Strategy,
-                    initial: ArrayRecord) -> tuple[ArrayRecord, list[dict[str, Any]], TrafficLog | None]:
-    """(arrays, rows so far, traffic so far) to start from: the initial model, or with `settings.resume` the
-    checkpoint under out_dir, whose pooled memory is restored into the strategy's."""
-    if not settings.resume:
-        return initial, [], None
-    checkpoint = load_checkpoint(settings.out_dir, settings=settings.to_config(), reference=initial,
-                                 memory=getattr(strategy, "memory", None))
-    if checkpoint is None:
-        log(INFO, "fedcl: no checkpoint under %s; starting from round 1", settings.out_dir)
-        return initial, [], None
-    if checkpoint.server_round > settings.num_rounds:
-        raise CheckpointError(f"the checkpoint is at round {checkpoint.server_round}, beyond num-rounds "
-                              f"{settings.num_rounds}")
-    log(INFO, "fedcl: resuming after round %s from %s", checkpoint.server_round, settings.out_dir)
-    return checkpoint.arrays, checkpoint.rows, checkpoint.traffic
-
-
-def _row(server_round: int, accuracy: float, strategy: Metered, rows: list[dict[str, Any]],
-         seconds: float) -> dict[str, Any]:
-    """The rounds.csv row of a completed round: server-side test accuracy, the clients' mean local accuracy (when
-    they evaluated), traffic and failures."""
-    t = strategy.traffic[server_round]
-    cumulative = (rows[-1]["cumulative_uplink_bytes"] if rows else 0) + t.uplink_bytes
-    local = strategy.client_evaluation.get(server_round, {}).get("local-accuracy")
-    return {"round": server_round, "accuracy": round(float(accuracy), 6),
-            "client_accuracy": "" if local is None else round(float(local), 6),
-            "uplink_bytes": t.uplink_bytes, "downlink_bytes": t.downlink_bytes, "cumulative_uplink_bytes": cumulative,
-            "replies_ok": t.messages_sent - len(t.failures), "clients_failed": len(t.failures),
-            "seconds": round(seconds, 3), "failure_reasons": "; ".join(f"node {n}: {why}" for n, why in t.failures)}
 
 
 def make_server_app(settings: FedSettings | None = None) -> ServerApp:

@@ -13,11 +13,36 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """What a strategy name means: the server strategy that runs it ("fedavg", "fed-distill", "hybrid" or
+    "continual"), and in the continual scenario the distiller that fills the clients' memories ("dm", "random"
+    real images, None: no memory) and whether the server keeps a global memory of the uploaded sets."""
+
+    server: str
+    memory_distiller: str | None = None
+    server_memory: bool = False
+
+
+#: The one table from (scenario, strategy name) to behaviour.
+BEHAVIOURS: dict[tuple[str, str], Behaviour] = {
+    ("standard", "fedavg"): Behaviour("fedavg"),
+    ("standard", "fed-distill"): Behaviour("fed-distill"),
+    ("standard", "hybrid"): Behaviour("hybrid"),
+    ("continual", "fedavg"): Behaviour("continual"),
+    ("continual", "fedavg-replay"): Behaviour("continual", memory_distiller="random"),
+    ("continual", "fed-distill"): Behaviour("continual", memory_distiller="dm"),
+    ("continual", "fed-distill-server"): Behaviour("continual", memory_distiller="dm", server_memory=True),
+}
 #: Strategies of the standard scenario (one fixed dataset) and of the continual one (a stream of tasks per client).
-STRATEGIES = ("fedavg", "fed-distill", "hybrid")
-CONTINUAL_STRATEGIES = ("fedavg", "fedavg-replay", "fed-distill", "fed-distill-server")
+STRATEGIES = tuple(name for scenario, name in BEHAVIOURS if scenario == "standard")
+CONTINUAL_STRATEGIES = tuple(name for scenario, name in BEHAVIOURS if scenario == "continual")
 SCENARIOS = ("standard", "continual")
 TASK_ORDERS = ("shared", "per-client")
+#: How weight rounds are aggregated: FedAvg's weighted mean, or Flower's robust FedMedian, FedTrimmedAvg, Krum.
+AGGREGATIONS = ("mean", "median", "trimmed", "krum")
 
 
 @dataclass(frozen=True)
@@ -33,7 +58,8 @@ class FedSettings:
     fedavg-replay = replay of random real images, fed-distill = replay of distilled images, fed-distill-server =
     distilled replay plus the server's global distilled memory), num_rounds (in the continual scenario: FedAvg
     rounds per task; a memory strategy adds one distillation round at the end of each task), fraction_train,
-    fraction_evaluate, min_nodes (clients a round waits for), round_timeout (seconds).
+    fraction_evaluate, min_nodes (clients a round waits for), round_timeout (seconds: a reply later than that is
+    a failure), aggregation (weight rounds of fedavg: "mean", or the robust "median", "trimmed" mean, "krum").
     Client distillation (fed-distill, hybrid; continual memories): ipc (images per class; in the continual
     scenario the memory budget: ipc images per class per client, and the size per class of the server's replay
     slice), distill_iterations, batch_real, min_class_images (fed-distill, hybrid: a client distils only the
@@ -78,6 +104,7 @@ class FedSettings:
     fraction_evaluate: float = 0.0
     min_nodes: int = 2
     round_timeout: float = 3600.0
+    aggregation: str = "mean"
     ipc: int = 10
     distill_iterations: int = 100
     batch_real: int = 64
@@ -109,6 +136,10 @@ class FedSettings:
         if self.strategy not in allowed:
             raise ValueError(f"unknown strategy {self.strategy!r} for the {self.scenario} scenario; choose one of "
                              f"{list(allowed)}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {list(AGGREGATIONS)}, got {self.aggregation!r}")
+        if self.aggregation != "mean" and self.behaviour.server != "fedavg":
+            raise ValueError(f"aggregation {self.aggregation!r} works for the standard fedavg strategy only")
         if self.task_order not in TASK_ORDERS:
             raise ValueError(f"task-order must be one of {list(TASK_ORDERS)}, got {self.task_order!r}")
         if self.upload_dtype not in ("float32", "float16"):
@@ -141,11 +172,15 @@ class FedSettings:
         return {}
 
     @property
+    def behaviour(self) -> Behaviour:
+        """What the strategy name means in this scenario (`BEHAVIOURS`)."""
+        return BEHAVIOURS[self.scenario, self.strategy]
+
+    @property
     def memory_distiller(self) -> str | None:
         """Continual scenario: the distiller that fills the clients' memories ("dm", "random" real images) or
         None when the strategy keeps no memory."""
-        return {"fedavg-replay": "random", "fed-distill": "dm", "fed-distill-server": "dm"}.get(self.strategy) \
-            if self.scenario == "continual" else None
+        return self.behaviour.memory_distiller
 
     @property
     def unread_keys(self) -> frozenset[str]:
@@ -162,7 +197,7 @@ class FedSettings:
     @property
     def server_memory(self) -> bool:
         """Continual scenario: clients upload their new synthetic sets to the server's global memory."""
-        return self.scenario == "continual" and self.strategy == "fed-distill-server"
+        return self.behaviour.server_memory
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], **overrides: Any) -> FedSettings:
