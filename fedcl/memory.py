@@ -106,14 +106,14 @@ class DistilledMemory:
         """(images, hard labels, task labels) of every held set, in key order (empty tensors when nothing is held)."""
         if not self.sets:
             return torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
-        ordered = [self.sets[k] for k in sorted(self.sets)]
+        ordered = [self.sets[k].decode() for k in sorted(self.sets)]  # training images of any stored form
         tasks = [torch.full((len(s),), task_label(s), dtype=torch.long) for s in ordered]
         return (torch.cat([s.images for s in ordered]), torch.cat([s.hard_labels for s in ordered]),
                 torch.cat(tasks))
 
     def soft_targets(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(images, target distributions) of the soft-labelled sets held, or None when all labels are hard."""
-        soft = [s for s in self.sets.values() if s.soft_labels]
+        soft = [s.decode() for s in self.sets.values() if s.soft_labels]
         if not soft:
             return None
         return torch.cat([s.images for s in soft]), torch.cat([as_distribution(s.labels) for s in soft])
@@ -123,7 +123,7 @@ class DistilledMemory:
         else a distribution per image (soft labels as held, hard ones as one-hot rows)."""
         if not self.sets:
             return torch.empty(0), torch.empty(0, dtype=torch.long)
-        ordered = [self.sets[k] for k in sorted(self.sets)]
+        ordered = [self.sets[k].decode() for k in sorted(self.sets)]
         labels = common_labels(*(as_distribution(s.labels) if s.soft_labels else s.labels for s in ordered))
         return torch.cat([s.images for s in ordered]), torch.cat(labels)
 
@@ -271,7 +271,8 @@ class DistilledMemory:
         if distiller is None:
             raise ValueError("compress='redistill' needs the distiller to shrink the held sets")
         source = Source(synset.meta.dataset, synset.meta.mean, synset.meta.std)
-        return distiller.distill(synset.images, synset.hard_labels, ipc=ipc, n_classes=synset.meta.n_classes,
+        decoded = synset.decode()
+        return distiller.distill(decoded.images, decoded.hard_labels, ipc=ipc, n_classes=synset.meta.n_classes,
                                  source=source)
 
     # ------------------------------------------------------------------ persistence

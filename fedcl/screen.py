@@ -133,8 +133,8 @@ class EmbeddingScreen:
             with seeded(self.seed * 7919 + k):
                 net = create_model("convnet", image_shape, n_classes, width=self.width, depth=self.depth).eval()
             with torch.no_grad():
-                per_net.append(torch.stack([_class_means(net.embed(s.images.float()), s.hard_labels, n_classes)
-                                            for s in sets]))
+                per_net.append(torch.stack([_class_means(net.embed(d.images), d.hard_labels, n_classes)
+                                            for d in (s.decode() for s in sets)]))
         return torch.stack(per_net, dim=2)
 
 

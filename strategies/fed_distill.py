@@ -10,8 +10,15 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedcl.flower.protocol import (DISTILL_MESSAGE, MEMORY_IMAGES, META_KEY, METRICS, NUM_EXAMPLES, SYNTHETIC_IMAGES,
-                                   SYNTHETIC_KEY)
+from fedcl.flower.protocol import (
+    DISTILL_MESSAGE,
+    MEMORY_IMAGES,
+    META_KEY,
+    METRICS,
+    NUM_EXAMPLES,
+    SYNTHETIC_IMAGES,
+    SYNTHETIC_KEY,
+)
 from fedcl.flower.records import max_set_bytes
 from fedcl.screen import EmbeddingScreen, create_screen
 from fedcl.train import TrainConfig

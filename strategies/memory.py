@@ -88,7 +88,8 @@ class SyntheticMemory:
         if self.pixel_range is None or not len(synset):
             return
         low, high = self.pixel_range
-        lowest, highest = float(synset.images.min()), float(synset.images.max())
+        images = synset.float_images()  # the stored form's values: tiles only upsample them
+        lowest, highest = float(images.min()), float(images.max())
         if lowest < low or highest > high:
             raise SyntheticSetError(f"pixels span [{lowest:.3g}, {highest:.3g}], outside the allowed "
                                     f"[{low:.3g}, {high:.3g}] (the dataset's normalised range plus a margin)")
@@ -133,7 +134,7 @@ class SyntheticMemory:
 
     def pooled(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All stored images and hard labels, concatenated."""
-        sets = [s for group in self.sets.values() for s in group]
+        sets = [s.decode() for group in self.sets.values() for s in group]
         return torch.cat([s.images for s in sets]), torch.cat([s.hard_labels for s in sets])
 
 

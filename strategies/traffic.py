@@ -9,6 +9,7 @@ answered are failures with a reason; strategies add their own (e.g. a malformed 
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
@@ -39,6 +40,21 @@ class RoundTraffic:
 def bounded(reason: str) -> str:
     """`reason` cut to at most `MAX_REASON_CHARS` characters (marked with an ellipsis when cut)."""
     return reason if len(reason) <= MAX_REASON_CHARS else reason[:MAX_REASON_CHARS - 3] + "..."
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RAISED = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception)\b[^:]*: \S.*$")
+
+
+def client_error_summary(reason: str) -> str:
+    """The line of a client's error reply that names the exception and its message.
+
+    Flower wraps a simulated client's exception in Ray's chained tracebacks (colour codes, frames, wrappers), which
+    would bury the cause past the logged length; the first `Type: message` line is the root cause. A reason with
+    no such line (a deployed client's short reason) is kept as it is."""
+    lines = [line.strip() for line in _ANSI.sub("", reason).splitlines()]
+    raised = [line for line in lines if _RAISED.match(line)]
+    return raised[0].removesuffix("'>") if raised else reason
 
 
 class TrafficLog:
@@ -109,7 +125,8 @@ class MeteredGrid:
         traffic.replies += len(replies)
         for reply in replies:
             if reply.has_error():
-                self._traffic.fail(self._round, reply.metadata.src_node_id, f"client error: {reply.error.reason}")
+                why = client_error_summary(reply.error.reason)
+                self._traffic.fail(self._round, reply.metadata.src_node_id, f"client error: {why}")
             else:
                 traffic.uplink_bytes += record_nbytes(reply.content)
         missing = Counter(m.metadata.dst_node_id for m in messages)

@@ -145,7 +145,7 @@ def test_post_adapt_adds_the_experiences_classes_with_their_task_labels(task_lab
     bench = tiny_benchmark(task_labels=task_labels)
     buffer = DistilledBuffer(12, distiller="random")
     expected: dict[int, set[int]] = {}
-    for i, exp in enumerate(online(bench, size=20)):
+    for exp in online(bench, size=20):
         buffer.post_adapt(AGENT, exp)
         for y, t in zip(exp.dataset.targets, exp.dataset.targets_task_labels):
             expected.setdefault(int(y), set()).add(int(t))

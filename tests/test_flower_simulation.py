@@ -76,6 +76,17 @@ def _faulty_client_app() -> ClientApp:
     return app
 
 
+def test_a_client_error_is_logged_by_its_root_cause():
+    from strategies.traffic import client_error_summary
+
+    wrapped = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m\n"
+               + "  File \"app.py\", line 9, in distill\n" * 40 + "KeyError: 'partition-id'\n\n"
+               "The above exception was the direct cause of the following exception:\n"
+               "flwr.clientapp.client_app.ClientAppException: \nException occurred. Message: 'partition-id''>")
+    assert client_error_summary(wrapped) == "KeyError: 'partition-id'"
+    assert client_error_summary("<class 'ValueError'>:<'no data'>") == "<class 'ValueError'>:<'no data'>"
+
+
 def test_crashing_and_malformed_clients_are_failures_with_reasons(tmp_path, monkeypatch):
     from fedcl.flower import client_app
 

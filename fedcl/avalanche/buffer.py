@@ -50,8 +50,8 @@ from fedcl.memory import COMPRESSIONS, DistilledMemory, truncate
 
 #: How the memory is keyed: one set per (task label, class), or one per experience.
 KEYS = ("class", "experience")
-__all__ = ["COMPRESSIONS", "KEYS", "DistilledBuffer", "check_layout", "dataset_tensors", "experience_tensors", "memory_dataset",
-           "strategy_device", "truncate"]
+__all__ = ["COMPRESSIONS", "KEYS", "DistilledBuffer", "check_layout", "dataset_tensors", "experience_tensors",
+           "memory_dataset", "strategy_device", "truncate"]
 
 
 class DistilledBuffer(ExemplarsBuffer):

@@ -24,8 +24,16 @@ from fedcl.distill import Source, create_distiller
 from fedcl.flower import continual_client
 from fedcl.flower.guided_dm import GlobalModelDM
 from fedcl.flower.node import client_seed, global_model, local_data, message_settings
-from fedcl.flower.protocol import (ARRAYS, DISTILL_ACTION, DISTILL_SECONDS, LOCAL_ACCURACY, METRICS, NUM_EXAMPLES,
-                                   SYNTHETIC_IMAGES, TRAIN_LOSS)
+from fedcl.flower.protocol import (
+    ARRAYS,
+    DISTILL_ACTION,
+    DISTILL_SECONDS,
+    LOCAL_ACCURACY,
+    METRICS,
+    NUM_EXAMPLES,
+    SYNTHETIC_IMAGES,
+    TRAIN_LOSS,
+)
 from fedcl.flower.records import model_to_arrays, synset_to_record
 from fedcl.runtime import resolve_device
 from fedcl.train import TrainConfig, evaluate_model, train_model

@@ -27,8 +27,17 @@ from fedcl.data import ImageDataset
 from fedcl.data.streams import class_groups, task_order
 from fedcl.distill import Source, create_distiller
 from fedcl.flower.node import client_seed, global_model, local_data
-from fedcl.flower.protocol import (ARRAYS, MEMORY_IMAGES, METRICS, NUM_EXAMPLES, REHEARSAL_EXAMPLES, SYNTHETIC_IMAGES,
-                                   SYNTHETIC_KEY, TASK, TRAIN_LOSS)
+from fedcl.flower.protocol import (
+    ARRAYS,
+    MEMORY_IMAGES,
+    METRICS,
+    NUM_EXAMPLES,
+    REHEARSAL_EXAMPLES,
+    SYNTHETIC_IMAGES,
+    SYNTHETIC_KEY,
+    TASK,
+    TRAIN_LOSS,
+)
 from fedcl.flower.records import model_to_arrays, synset_from_record, synset_to_record
 from fedcl.flower.settings import FedSettings
 from fedcl.memory import DistilledMemory
@@ -106,6 +115,7 @@ def replay_data(settings: FedSettings, msg: Message, context: Context,
     parts = [(images, labels)] if len(images) else []
     replay = _server_slice(settings, msg, context, dataset) if settings.server_memory else None
     if replay is not None:
+        replay = replay.decode()
         parts.append((replay.images, replay.hard_labels))
     if not parts:
         return None
@@ -121,7 +131,7 @@ def soft_labels(settings: FedSettings, msg: Message, dataset: ImageDataset, pid:
     groups = task_order(settings.tasks, pid, settings.task_order, settings.seed)[:task + 1]
     met = sorted(c for g in groups for c in class_groups(dataset.n_classes, settings.tasks, settings.seed)[g])
     net = global_model(settings, dataset, msg.content.array_records[ARRAYS])
-    predicted = soft_predictions(net, synset.images, temperature=settings.label_temperature, classes=met,
+    predicted = soft_predictions(net, synset.float_images(), temperature=settings.label_temperature, classes=met,
                                  device=resolve_device(settings.device))
     return 0.5 * torch.nn.functional.one_hot(synset.hard_labels, dataset.n_classes).float() + 0.5 * predicted
 

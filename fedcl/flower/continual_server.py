@@ -20,9 +20,9 @@ from torch import nn
 from fedcl.continual_metrics import step_metrics
 from fedcl.data import ImageDataset, load_dataset
 from fedcl.data.streams import class_groups, groups_seen
-from fedcl.flower.results import write_task_results
 from fedcl.flower.loop import sampling, start_strategy
 from fedcl.flower.records import pixel_window
+from fedcl.flower.results import write_task_results
 from fedcl.flower.settings import FedSettings
 from fedcl.runtime import resolve_device
 from fedcl.train import TrainConfig, evaluate_model

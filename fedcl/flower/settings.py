@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 
-
 @dataclass(frozen=True)
 class Behaviour:
     """What a strategy name means: the server strategy that runs it ("fedavg", "fed-distill", "hybrid" or
