@@ -10,8 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 
 CORE_MODULES = ["synthetic", "data", "models", "augment", "distill", "train", "memory", "privacy", "audit", "screen",
@@ -123,8 +121,6 @@ def test_import_parsing_sees_relative_and_nested_imports(tmp_path, monkeypatch):
     assert {"pkg.sibling", "pkg.sibling.x", "strategies.memory"} <= _imports(package / "mod.py")
 
 
-@pytest.mark.xfail(strict=False, reason="non-strict while strategies/ moves to the protocol module of fedcl.flower; "
-                                        "make it a plain test once that lands")
 def test_strategies_use_only_the_message_layer_of_fedcl_flower():
     found = _offending(_sources("strategies"),
                        lambda n: _under(n, "fedcl.flower") and n not in {"fedcl.flower"} | STRATEGIES_MAY_USE
@@ -185,8 +181,6 @@ def test_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
-@pytest.mark.xfail(strict=False, reason="fedcl.flower.server_app and continual_server still import each other; "
-                                        "the move of the ServerApp wiring removes the cycle")
 def test_no_import_cycle_between_modules():
     cycles = _cycles(_import_graph())
     assert not cycles, cycles
