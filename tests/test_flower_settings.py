@@ -83,3 +83,25 @@ def test_a_screen_threshold_that_is_not_positive_is_refused(tmp_path, capsys):
     assert main(["simulate", "--screen", "embedding", "--screen-threshold", "0", "--out", str(tmp_path)]) == 2
     assert "screen-threshold must be > 0" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # refused before anything ran
+
+
+def test_the_simulate_command_line_is_built_from_the_settings_fields():
+    from fedcl.cli import build_parser
+    from fedcl.flower.cli import simulate_settings
+
+    parser = build_parser()
+    default = simulate_settings(parser.parse_args(["simulate"]))
+    assert default == FedSettings(out_dir="runs/simulate", min_nodes=3)  # same defaults, but the output folder
+    args = parser.parse_args(["simulate", "--rounds", "4", "--out", "o", "--replay-dsa", "--server-lr", "0.2",
+                              "--aggregation", "median", "--strategy", "fedavg", "--clients", "5"])
+    assert simulate_settings(args) == FedSettings(num_rounds=4, out_dir="o", replay_dsa=True, server_lr=0.2,
+                                                  aggregation="median", strategy="fedavg", min_nodes=5)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["simulate", "--partitioner", "shards"])
+
+
+def test_the_settings_table_in_the_docs_is_the_generated_one():
+    from fedcl.flower.settings import settings_table
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "flower.md").read_text()
+    assert text.split("<!-- settings-table -->\n")[1].split("\n<!-- /settings-table -->")[0] == settings_table()

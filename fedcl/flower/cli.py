@@ -26,69 +26,17 @@ _EXAMPLES = """examples:
 
 
 def register(subparsers: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
-    from fedcl.flower.settings import CONTINUAL_STRATEGIES, SCENARIOS, STRATEGIES, TASK_ORDERS
+    from fedcl.flower.settings import add_arguments
 
     p = subparsers.add_parser(
-        "simulate", help="run a federated simulation (FedAvg, FedDistill or the hybrid) with Flower",
+        "simulate", help="run a federated simulation (FedAvg, FedDistill, the hybrid or a continual task stream)",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES,
-        description="Run the fedcl Flower app with Flower's simulation engine (Ray): OUT/rounds.csv (round, "
-                    "accuracy, uplink_bytes, downlink_bytes, ...), OUT/accuracy.png, OUT/summary.md|json and "
-                    "OUT/partitions.txt|png.")
-    p.add_argument("--dataset", default="digits", help="digits (embedded, default), fashion-mnist, mnist, cifar10")
-    p.add_argument("--data-root", default="", help="directory with the dataset files")
+        description="Run the fedcl Flower app in this process (--engine local) or on Flower's Ray simulation "
+                    "engine: OUT/rounds.csv (round, accuracy, uplink_bytes, downlink_bytes, ...), OUT/accuracy.png, "
+                    "OUT/summary.md|json and OUT/partitions.txt|png; continual: OUT/tasks.csv too.  Every option "
+                    "but the last four is a FedSettings field (a key of the run config).")
+    add_arguments(p, defaults={"out_dir": "runs/simulate"})
     p.add_argument("--clients", type=int, default=3, help="number of simulated clients (default 3)")
-    p.add_argument("--scenario", default="standard", choices=SCENARIOS,
-                   help="standard (one dataset, default) or continual (a class-incremental task stream per client)")
-    p.add_argument("--strategy", default="fed-distill", choices=sorted({*STRATEGIES, *CONTINUAL_STRATEGIES}),
-                   help=f"standard: {', '.join(STRATEGIES)}; continual: {', '.join(CONTINUAL_STRATEGIES)} "
-                        "(default fed-distill)")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="federated rounds (default 1: one-shot FedDistill); continual: FedAvg rounds per task "
-                        "(memory strategies add one distillation round per task)")
-    p.add_argument("--tasks", type=int, default=5, help="continual: tasks, equal class groups (default 5)")
-    p.add_argument("--task-order", default="shared", choices=TASK_ORDERS,
-                   help="continual: every client meets the tasks in the same order (shared, default) or in its own")
-    p.add_argument("--replay-batch-size", type=int, default=64,
-                   help="continual: memory samples added to every local mini-batch (default 64)")
-    p.add_argument("--replay-dsa", action="store_true",
-                   help="continual: DSA-augment the memory samples of every local mini-batch (default: off)")
-    p.add_argument("--rehearsal-epochs", type=int, default=0,
-                   help="continual memory strategies: at each task's end every client trains the global model "
-                        "this many epochs on its memory alone and the server averages them (default 0: off)")
-    p.add_argument("--seed", type=int, default=0, help="seed of partitions, models and distillation (default 0)")
-    p.add_argument("--out", default="runs/simulate", help="output directory (default runs/simulate)")
-    p.add_argument("--partitioner", default="dirichlet", choices=("iid", "dirichlet", "classes"),
-                   help="how the training split is shared out (default dirichlet)")
-    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (default 0.5)")
-    p.add_argument("--classes-per-client", type=int, default=2, help="k of --partitioner classes (default 2)")
-    p.add_argument("--model", default="convnet", help="global model: convnet (default), mlp, lenet")
-    p.add_argument("--width", type=int, default=32, help="ConvNet/MLP width (default 32, CPU-sized)")
-    p.add_argument("--ipc", type=int, default=10,
-                   help="synthetic images per class per client (default 10); continual: the memory budget")
-    p.add_argument("--distill-iterations", type=int, default=100, help="client DM iterations (default 100)")
-    p.add_argument("--upload-dtype", default="float32", choices=("float32", "float16"),
-                   help="wire format of uploaded synthetic images (float16 halves the uplink; default float32)")
-    p.add_argument("--min-class-images", type=int, default=1,
-                   help="distil only the classes a client holds at least this many real images of (default 1: all)")
-    p.add_argument("--label-temperature", type=float, default=0.0,
-                   help="continual memories: soft labels from the global model at temperature T (default 0: hard)")
-    p.add_argument("--local-epochs", type=int, default=1, help="FedAvg local epochs (default 1)")
-    p.add_argument("--local-lr", type=float, default=0.01, help="local SGD learning rate (default 0.01)")
-    p.add_argument("--local-batch-size", type=int, default=64, help="local mini-batch size (default 64)")
-    p.add_argument("--server-epochs", type=int, default=100,
-                   help="fed-distill: server epochs on the pooled memory per round (default 100)")
-    p.add_argument("--finetune-epochs", type=int, default=10,
-                   help="hybrid: server fine-tuning epochs per round (default 10)")
-    p.add_argument("--memory", default="all", choices=("all", "latest"), help="pooled memory policy (default all)")
-    p.add_argument("--screen", default="none",
-                   help="poisoning screen of incoming synthetic sets: none (default) or embedding (fedcl.screen)")
-    p.add_argument("--screen-threshold", type=float, default=2.5,
-                   help="embedding screen: score above which a set is refused (default 2.5; honest sets score ~1)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the checkpoint of the last completed round under --out (same settings)")
-    p.add_argument("--fraction-evaluate", type=float, default=0.0,
-                   help="fraction of clients that also evaluate the global model locally (default 0)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda[:i]")
     p.add_argument("--gpu-fraction", type=float, default=None,
                    help="GPU share per client when CUDA is present (default max(0.25, 1/clients))")
     p.add_argument("--engine", default="ray", choices=("ray", "local"),
@@ -153,36 +101,23 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         from fedcl.flower.server_app import resume_round
 
         done = resume_round(settings)
-        print(f"resuming after round {done}" if done else f"no checkpoint under {args.out}: starting from round 1")
+        print(f"resuming after round {done}" if done else f"no checkpoint under {args.out_dir}: starting from round 1")
     print(write_partitions(settings, args.clients))
     rows = simulate(settings, args.clients, gpu_fraction=args.gpu_fraction, verbose=args.verbose,
                     engine=args.engine)
     if settings.scenario == "continual":
-        print(task_table([task_summary(read_csv(Path(args.out) / "tasks.csv"), args.strategy)]))
-        print(f"wrote {args.out}/tasks.csv, tasks.png, rounds.csv, summary.md, partitions.png")
+        print(task_table([task_summary(read_csv(Path(args.out_dir) / "tasks.csv"), args.strategy)]))
+        print(f"wrote {args.out_dir}/tasks.csv, tasks.png, rounds.csv, summary.md, partitions.png")
         return 0
     print(markdown_table([summarise(rows, args.strategy)]))
-    print(f"wrote {args.out}/rounds.csv, accuracy.png, summary.md, partitions.png")
+    print(f"wrote {args.out_dir}/rounds.csv, accuracy.png, summary.md, partitions.png")
     return 0
 
 
 def simulate_settings(args: argparse.Namespace) -> FedSettings:
     """The FedSettings of a `fedcl simulate` command line (ValueError on a bad value, before anything runs)."""
-    from fedcl.flower.settings import FedSettings
+    from fedcl.flower.settings import from_args
 
     if args.clients < 1:
         raise ValueError(f"--clients must be >= 1, got {args.clients}")
-    return FedSettings(
-        dataset=args.dataset, data_root=args.data_root, partitioner=args.partitioner, alpha=args.alpha,
-        classes_per_client=args.classes_per_client, seed=args.seed, model=args.model, width=args.width,
-        scenario=args.scenario, tasks=args.tasks, task_order=args.task_order,
-        replay_batch_size=args.replay_batch_size, replay_dsa=args.replay_dsa,
-        rehearsal_epochs=args.rehearsal_epochs, strategy=args.strategy,
-        num_rounds=args.rounds, fraction_evaluate=args.fraction_evaluate,
-        min_nodes=args.clients, ipc=args.ipc, distill_iterations=args.distill_iterations,
-        upload_dtype=args.upload_dtype, min_class_images=args.min_class_images,
-        label_temperature=args.label_temperature, local_epochs=args.local_epochs,
-        local_lr=args.local_lr, local_batch_size=args.local_batch_size, server_epochs=args.server_epochs,
-        finetune_epochs=args.finetune_epochs, memory=args.memory, screen=args.screen,
-        screen_threshold=args.screen_threshold, out_dir=args.out,
-        resume=args.resume, device=args.device)
+    return from_args(args, min_nodes=args.clients)

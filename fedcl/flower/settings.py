@@ -9,8 +9,9 @@ clients inside every instruction, so clients need no configuration of their own 
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -44,89 +45,85 @@ TASK_ORDERS = ("shared", "per-client")
 AGGREGATIONS = ("mean", "median", "trimmed", "krum")
 
 
+def _setting(default: Any, help: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None,
+             cli: bool = True) -> Any:
+    """A FedSettings field with its one help text; `flag` renames its command-line option (default: the
+    kebab-case field name), `choices` limits it, and `cli=False` keeps it off the command line."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "cli": cli})
+
+
 @dataclass(frozen=True)
 class FedSettings:
     """Settings of a federated run (defaults: a CPU-sized run on the embedded digits dataset).
 
-    Data: dataset, data_root ("" = the dataset's default place), partitioner (iid, dirichlet, classes), alpha
-    (Dirichlet concentration), classes_per_client (k of the "classes" partitioner), seed.
-    Model: model, width, depth, norm (see `fedcl.models.create_model`).
-    Scenario: scenario ("standard": one dataset; "continual": every client learns a class-incremental stream of
-    `tasks` tasks, see `fedcl.data.streams`, met in a "shared" or "per-client" task_order).
-    Strategy: strategy (standard: fedavg, fed-distill, hybrid; continual: fedavg = naive federated fine-tuning,
-    fedavg-replay = replay of random real images, fed-distill = replay of distilled images, fed-distill-server =
-    distilled replay plus the server's global distilled memory), num_rounds (in the continual scenario: FedAvg
-    rounds per task; a memory strategy adds one distillation round at the end of each task), fraction_train,
-    fraction_evaluate, min_nodes (clients a round waits for), round_timeout (seconds: a reply later than that is
-    a failure), aggregation (weight rounds of fedavg: "mean", or the robust "median", "trimmed" mean, "krum").
-    Client distillation (fed-distill, hybrid; continual memories): ipc (images per class; in the continual
-    scenario the memory budget: ipc images per class per client, and the size per class of the server's replay
-    slice), distill_iterations, batch_real, min_class_images (fed-distill, hybrid: a client distils only the
-    classes of which it holds at least this many real images; 1 = every class it has: a class held in a handful of
-    images gives no more than those images, and ipc synthetic images of it cost as much as any other class),
-    guide_noise (relative perturbation of the global model's weights when clients distil against it),
-    upload_dtype (wire format of the synthetic images: float32, or float16 for half the uplink),
-    label_temperature (continual memories: 0 keeps hard labels; T > 0 labels every new memory set with the mean of
-    its one-hot labels and the global model's softmax(logits / T) over the classes met so far, see
-    `fedcl.flower.continual_client.soft_labels`).
-    Client training (fedavg, hybrid, continual): local_epochs, local_lr, local_batch_size, replay_batch_size
-    (memory samples added to every mini-batch in the continual scenario), replay_dsa (continual: DSA-augment
-    those memory samples, each with its own draw; the new task's samples stay as they are), rehearsal_epochs
-    (continual memory strategies: 0 = off; else in the distillation round at each task's end every client, once
-    its memory holds the new task, trains the global model that many epochs on its memory alone and the server
-    averages those models, weighted by memory images: a class-balanced step after the recency-biased training).
-    Server training on the pooled synthetic memory: server_epochs (fed-distill, every round), finetune_epochs
-    (hybrid, after every aggregation), server_lr, server_batch_size (small pools need small batches to get
-    enough steps per epoch), memory ("all" sets ever received or each client's "latest"), screen (poisoning
-    screen of incoming sets: "none" or "embedding", see `fedcl.screen`), screen_threshold (the embedding screen's
-    score above which a set is refused; honest sets score about 1).
-    Output: out_dir (rounds.csv, plots, summary, and the server checkpoint of the last completed round),
-    resume (continue from that checkpoint instead of starting over), device ("auto" = CUDA when present).
+    Each field's help text is its metadata, so that `add_arguments` builds `fedcl simulate`'s options from this one
+    table and the settings table in docs/flower.md is `settings_table()`'s output.
     """
 
-    dataset: str = "digits"
-    data_root: str = ""
-    partitioner: str = "dirichlet"
-    alpha: float = 0.5
-    classes_per_client: int = 2
-    seed: int = 0
-    model: str = "convnet"
-    width: int = 32
-    depth: int = 3
-    norm: str = "instancenorm"
-    scenario: str = "standard"
-    tasks: int = 5
-    task_order: str = "shared"
-    strategy: str = "fed-distill"
-    num_rounds: int = 1
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 0.0
-    min_nodes: int = 2
-    round_timeout: float = 3600.0
-    aggregation: str = "mean"
-    ipc: int = 10
-    distill_iterations: int = 100
-    batch_real: int = 64
-    guide_noise: float = 0.05
-    upload_dtype: str = "float32"
-    min_class_images: int = 1
-    label_temperature: float = 0.0
-    local_epochs: int = 1
-    local_lr: float = 0.01
-    local_batch_size: int = 64
-    replay_batch_size: int = 64
-    replay_dsa: bool = False
-    rehearsal_epochs: int = 0
-    server_epochs: int = 100
-    finetune_epochs: int = 10
-    server_lr: float = 0.01
-    server_batch_size: int = 64
-    memory: str = "all"
-    screen: str = "none"
-    screen_threshold: float = 2.5
-    out_dir: str = "runs/flower"
-    resume: bool = False
-    device: str = "auto"
+    dataset: str = _setting("digits", "digits (embedded), fashion-mnist, mnist, cifar10")
+    data_root: str = _setting("", "directory with the dataset files (empty: the dataset's default place)")
+    partitioner: str = _setting("dirichlet", "how the training split is shared out",
+                                choices=("iid", "dirichlet", "classes"))
+    alpha: float = _setting(0.5, "Dirichlet concentration of the dirichlet partitioner")
+    classes_per_client: int = _setting(2, "k of the classes partitioner: classes per client")
+    seed: int = _setting(0, "seed of partitions, models and distillation (never of DP noise)")
+    model: str = _setting("convnet", "global model: convnet, mlp, lenet")
+    width: int = _setting(32, "ConvNet/MLP width (CPU-sized)")
+    depth: int = _setting(3, "ConvNet/MLP depth")
+    norm: str = _setting("instancenorm", "ConvNet normalisation (see fedcl.models.create_model)")
+    scenario: str = _setting("standard", "standard: one dataset; continual: every client learns a "
+                             "class-incremental stream of tasks (fedcl.data.streams)", choices=SCENARIOS)
+    tasks: int = _setting(5, "continual: tasks, equal class groups")
+    task_order: str = _setting("shared", "continual: every client meets the tasks in the same order (shared) or "
+                               "in its own (per-client)", choices=TASK_ORDERS)
+    strategy: str = _setting("fed-distill", f"standard: {', '.join(STRATEGIES)}; continual: "
+                             f"{', '.join(CONTINUAL_STRATEGIES)} (fedavg = naive fine-tuning, fedavg-replay = random "
+                             "real-image replay, fed-distill = distilled replay, fed-distill-server = distilled "
+                             "replay plus the server's global memory)",
+                             choices=tuple(sorted({*STRATEGIES, *CONTINUAL_STRATEGIES})))
+    num_rounds: int = _setting(1, "federated rounds (1: one-shot FedDistill); continual: FedAvg rounds per task "
+                               "(memory strategies add one distillation round per task)", flag="--rounds")
+    fraction_train: float = _setting(1.0, "fraction of clients sampled for training each round")
+    fraction_evaluate: float = _setting(0.0, "fraction of clients that also evaluate the global model locally")
+    min_nodes: int = _setting(2, "clients a round waits for (fedcl simulate: --clients)", cli=False)
+    round_timeout: float = _setting(3600.0, "seconds: a reply later than that is a failure")
+    aggregation: str = _setting("mean", "weight rounds of the standard fedavg: FedAvg's weighted mean, or Flower's "
+                                "robust median, trimmed mean, krum", choices=AGGREGATIONS)
+    ipc: int = _setting(10, "synthetic images per class per client; continual: the memory budget (ipc images per "
+                        "class per client) and the size per class of the server's replay slice")
+    distill_iterations: int = _setting(100, "client distillation iterations")
+    batch_real: int = _setting(64, "real images per class per distillation iteration")
+    guide_noise: float = _setting(0.05, "relative perturbation of the global model's weights when clients distil "
+                                  "against it")
+    upload_dtype: str = _setting("float32", "wire format of uploaded synthetic images (float16 halves the uplink)",
+                                 choices=("float32", "float16"))
+    min_class_images: int = _setting(1, "fed-distill, hybrid: distil only the classes a client holds at least "
+                                     "this many real images of (1: all)")
+    label_temperature: float = _setting(0.0, "continual memories: 0 keeps hard labels; T > 0 labels each new set "
+                                        "with the mean of its one-hot labels and the global model's "
+                                        "softmax(logits / T)")
+    local_epochs: int = _setting(1, "client training epochs per round (fedavg, hybrid, continual)")
+    local_lr: float = _setting(0.01, "local SGD learning rate")
+    local_batch_size: int = _setting(64, "local mini-batch size")
+    replay_batch_size: int = _setting(64, "continual: memory samples added to every local mini-batch")
+    replay_dsa: bool = _setting(False, "continual: DSA-augment the memory samples of every local mini-batch")
+    rehearsal_epochs: int = _setting(0, "continual memory strategies: at each task's end every client trains the "
+                                     "global model this many epochs on its memory alone and the server averages "
+                                     "them, weighted by memory images (0: off)")
+    server_epochs: int = _setting(100, "fed-distill: server epochs on the pooled memory per round")
+    finetune_epochs: int = _setting(10, "hybrid and fed-distill-server: server fine-tuning epochs per round")
+    server_lr: float = _setting(0.01, "learning rate of server training on the pooled memory")
+    server_batch_size: int = _setting(64, "mini-batch of server training (small pools need small batches)")
+    memory: str = _setting("all", "pooled memory: all sets ever received, or each client's latest",
+                           choices=("all", "latest"))
+    screen: str = _setting("none", "poisoning screen of incoming synthetic sets: none or embedding (fedcl.screen)")
+    screen_threshold: float = _setting(2.5, "embedding screen: score above which a set is refused (honest sets "
+                                       "score about 1)")
+    out_dir: str = _setting("runs/flower", "output directory: rounds.csv, plots, summary and the server "
+                            "checkpoint of the last completed round", flag="--out")
+    resume: bool = _setting(False, "continue from the checkpoint of the last completed round under the output "
+                            "directory (same settings)")
+    device: str = _setting("auto", "auto (CUDA when present), cpu, cuda[:i]")
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS:
@@ -232,6 +229,44 @@ def _coerce(value: Any, kind: type, key: str) -> Any:
 
 
 _DEFAULTS = FedSettings()
+
+
+def _cli_fields() -> list:
+    return [f for f in fields(FedSettings) if f.metadata.get("cli", True)]
+
+
+def _flag(f: Any) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser, defaults: Mapping[str, Any] | None = None) -> None:
+    """Add one command-line option per FedSettings field (its flag, type, choices and help from the field), with
+    `defaults` (snake_case) replacing the dataclass defaults where a command wants other ones."""
+    defaults = defaults or {}
+    for f in _cli_fields():
+        default = defaults.get(f.name, getattr(_DEFAULTS, f.name))
+        text = f"{f.metadata['help']} (default {default!r})"
+        if isinstance(default, bool):
+            action = argparse.BooleanOptionalAction if default else "store_true"
+            parser.add_argument(_flag(f), dest=f.name, action=action, default=default, help=text)
+        else:
+            parser.add_argument(_flag(f), dest=f.name, type=type(getattr(_DEFAULTS, f.name)), default=default,
+                                choices=f.metadata.get("choices"), help=text)
+
+
+def from_args(args: argparse.Namespace, **overrides: Any) -> FedSettings:
+    """The FedSettings of a command line built by `add_arguments` (`overrides` win; ValueError on a bad value)."""
+    return FedSettings(**{**{f.name: getattr(args, f.name) for f in _cli_fields()}, **overrides})
+
+
+def settings_table() -> str:
+    """A markdown table of every setting: run-config key, command-line flag, default and meaning."""
+    rows = ["| run-config key | `fedcl simulate` | default | meaning |", "| --- | --- | --- | --- |"]
+    for f in fields(FedSettings):
+        flag = f"`{_flag(f)}`" if f.metadata.get("cli", True) else "-"
+        rows.append(f"| `{f.name.replace('_', '-')}` | {flag} | `{getattr(_DEFAULTS, f.name)!r}` | "
+                    f"{f.metadata['help']} |")
+    return "\n".join(rows)
 
 
 def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any],
