@@ -134,6 +134,59 @@ def normalised_images(synset: SyntheticSet, dataset: ImageDataset) -> torch.Tens
     return (pixels - torch.tensor(dataset.mean).view(1, -1, 1, 1)) / torch.tensor(dataset.std).view(1, -1, 1, 1)
 
 
+class Auditor:
+    """The audit against one dataset's training split, prepared once: the real images in both spaces and their
+    real-to-real baselines, so that many sets (every upload of a federation) are audited at the cost of their own
+    images only.  Options as in `audit_synthetic`."""
+
+    def __init__(self, dataset: ImageDataset, *, threshold: float = DEFAULT_THRESHOLD, real_sample: int = 500,
+                 feature_width: int = 64, seed: int = 0, device: str | torch.device = "auto",
+                 chunk: int = 4096) -> None:
+        if not threshold > 0:
+            raise ValueError(f"threshold must be > 0, got {threshold}")
+        if real_sample < 1:
+            raise ValueError(f"real_sample must be >= 1, got {real_sample}")
+        self.dataset, self.threshold, self.chunk = dataset, threshold, chunk
+        self.device = resolve_device(device)
+        real = dataset.train_images
+        picks = torch.randperm(len(real), generator=generator(seed))[:real_sample]
+        self.real_sample = len(picks)
+        with seeded(seed):
+            self.net = create_model("convnet", dataset.image_shape, dataset.n_classes,
+                                    width=feature_width).to(self.device).eval()
+        self.real = {"pixel": real.flatten(1).to(self.device), "feature": embed(self.net, real, self.device)}
+        self.baseline = {}
+        for name, real_x in self.real.items():
+            distance, _ = nearest_neighbours(real_x[picks.to(self.device)], real_x, chunk=chunk, exclude=picks)
+            self.baseline[name] = float(distance.median())
+        if min(self.baseline.values()) <= 0:
+            raise ValueError("the real-to-real baseline distance is 0 (duplicated training images): "
+                             "increase real_sample")
+
+    def __call__(self, synset: SyntheticSet) -> AuditReport:
+        """The audit of one set (ValueError when it comes from another dataset or does not fit it)."""
+        if synset.meta.dataset not in ("unknown", self.dataset.name):
+            raise ValueError(f"the set was distilled from {synset.meta.dataset!r}, not {self.dataset.name!r}: "
+                             f"audit it with --dataset {synset.meta.dataset}")
+        return self._report(synset)
+
+    def near_copies(self, synset: SyntheticSet) -> int:
+        """How many of the set's (decoded) images are near-copies of a training image.  The set's own claim of
+        its dataset is not trusted: a server audits every upload against the data it expects."""
+        return int(self._report(synset).flagged.sum())
+
+    def _report(self, synset: SyntheticSet) -> AuditReport:
+        dataset = self.dataset
+        synset = synset.validate(image_shape=dataset.image_shape, n_classes=dataset.n_classes).decode()
+        syn = normalised_images(synset, dataset)
+        queries = {"pixel": syn.flatten(1).to(self.device), "feature": embed(self.net, syn, self.device)}
+        found = {name: nearest_neighbours(queries[name], self.real[name], chunk=self.chunk) for name in queries}
+        nearest = found["pixel"][1].cpu()
+        return AuditReport(synset.hard_labels.cpu(), nearest, dataset.train_labels[nearest],
+                           found["pixel"][0].cpu(), found["feature"][0].cpu(), self.baseline["pixel"],
+                           self.baseline["feature"], self.threshold, self.real_sample)
+
+
 def audit_synthetic(synset: SyntheticSet, dataset: ImageDataset, *, threshold: float = DEFAULT_THRESHOLD,
                     real_sample: int = 500, feature_width: int = 64, seed: int = 0,
                     device: str | torch.device = "auto", chunk: int = 4096) -> AuditReport:
@@ -142,33 +195,8 @@ def audit_synthetic(synset: SyntheticSet, dataset: ImageDataset, *, threshold: f
     real_sample: real images whose nearest other real image sets the baseline.  feature_width: width of the fixed
     random ConvNet-3 (seeded by `seed`) whose embeddings give the feature distances.
     """
-    if not threshold > 0:
-        raise ValueError(f"threshold must be > 0, got {threshold}")
-    if real_sample < 1:
-        raise ValueError(f"real_sample must be >= 1, got {real_sample}")
-    if synset.meta.dataset not in ("unknown", dataset.name):
-        raise ValueError(f"the set was distilled from {synset.meta.dataset!r}, not {dataset.name!r}: "
-                         f"audit it with --dataset {synset.meta.dataset}")
-    synset = synset.validate(image_shape=dataset.image_shape, n_classes=dataset.n_classes).decode()
-    device = resolve_device(device)
-    real = dataset.train_images
-    syn = normalised_images(synset, dataset)
-    picks = torch.randperm(len(real), generator=generator(seed))[:real_sample]
-    with seeded(seed):
-        net = create_model("convnet", dataset.image_shape, dataset.n_classes, width=feature_width).to(device).eval()
-    spaces = {"pixel": (real.flatten(1).to(device), syn.flatten(1).to(device)),
-              "feature": (embed(net, real, device), embed(net, syn, device))}
-    found = {}
-    for name, (real_x, syn_x) in spaces.items():
-        baseline, _ = nearest_neighbours(real_x[picks.to(device)], real_x, chunk=chunk, exclude=picks)
-        distance, index = nearest_neighbours(syn_x, real_x, chunk=chunk)
-        found[name] = (float(baseline.median()), distance.cpu(), index.cpu())
-    if min(found["pixel"][0], found["feature"][0]) <= 0:
-        raise ValueError("the real-to-real baseline distance is 0 (duplicated training images): "
-                         "increase real_sample")
-    nearest = found["pixel"][2]
-    return AuditReport(synset.hard_labels.cpu(), nearest, dataset.train_labels[nearest], found["pixel"][1],
-                       found["feature"][1], found["pixel"][0], found["feature"][0], threshold, len(picks))
+    return Auditor(dataset, threshold=threshold, real_sample=real_sample, feature_width=feature_width, seed=seed,
+                   device=device, chunk=chunk)(synset)
 
 
 def closest_pairs_png(report: AuditReport, synset: SyntheticSet, dataset: ImageDataset,

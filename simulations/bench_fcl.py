@@ -69,7 +69,7 @@ def main() -> None:
 
     tune_cpu_allocator()
     settings = FedSettings(dataset=args.dataset, data_root=args.data_root, scenario="continual", tasks=args.tasks,
-                           alpha=args.alpha, ipc=args.ipc, num_rounds=args.rounds, local_epochs=args.local_epochs,
+                           alpha=args.alpha, ipc=args.ipc, rounds_per_task=args.rounds, local_epochs=args.local_epochs,
                            local_lr=args.local_lr, local_batch_size=args.batch_size,
                            replay_batch_size=args.batch_size, replay_dsa=args.replay_dsa,
                            rehearsal_epochs=args.rehearsal_epochs, width=args.width,

@@ -3,7 +3,7 @@ global distilled memory on the server."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from logging import INFO
 
@@ -103,6 +103,9 @@ class ContinualFedAvg(Metered, FedAvg):
         Lowest and highest pixel value an uploaded image may hold; None accepts any finite value.
     device, seed :
         Where the server fine-tunes and the seed of the fine-tuning and of the slices.
+    audit : Callable[[SyntheticSet], int] | None (default: None)
+        Counts the near-copies of training images in an uploaded set (`fedcl.audit.Auditor.near_copies`, for a
+        server that holds the training split, as in simulations); the counts by round are `memory.near_copies`.
     max_examples : int
         As in `strategies.metered.Metered`: the most examples one reply may weigh (larger claims are clipped).
     fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes, ... :
@@ -115,7 +118,7 @@ class ContinualFedAvg(Metered, FedAvg):
                  distill_with_model: bool = False, rehearse: bool = False, slice_ipc: int = 10,
                  max_images_per_client: int = 10_000, max_bytes_per_client: int | None = None,
                  pixel_range: tuple[float, float] | None = None, device: str = "auto", seed: int = 0,
-                 **fedavg_options) -> None:
+                 audit: Callable[[SyntheticSet], int] | None = None, **fedavg_options) -> None:
         super().__init__(**fedavg_options)
         if server_memory and not schedule.distill_round:
             raise ValueError("a server memory needs a distillation round at the end of every task")
@@ -128,7 +131,7 @@ class ContinualFedAvg(Metered, FedAvg):
         self.memory = SyntheticMemory(
             image_shape=image_shape, n_classes=n_classes, policy="all", max_images=max_images_per_client,
             max_bytes=max_bytes_per_client or max_set_bytes(image_shape, n_classes, max_images_per_client),
-            pixel_range=pixel_range)
+            pixel_range=pixel_range, audit=audit)
 
     def summary(self) -> None:
         super().summary()
@@ -171,7 +174,9 @@ class ContinualFedAvg(Metered, FedAvg):
             return super().aggregate_train(server_round, replies)
         replies = admit(server_round, replies, self.traffic, self._distill_reply_problem)
         arrays = self._rehearsed(replies) if self.rehearse else None
-        if self.server_memory:
+        if not self.server_memory:
+            self.memory.note_privacy(replies)
+        else:
             self.memory.accept(server_round, replies, self.traffic)
             start = arrays if arrays is not None else self.sent_arrays
             if len(self.memory) and start is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -21,6 +21,7 @@ from fedcl.flower.protocol import (
 )
 from fedcl.flower.records import max_set_bytes
 from fedcl.screen import EmbeddingScreen, create_screen
+from fedcl.synthetic import SyntheticSet
 from fedcl.train import TrainConfig
 from strategies.boundary import admit, metric_problem, record_problem
 from strategies.memory import SyntheticMemory, train_on_memory
@@ -34,7 +35,7 @@ class FedDistill(Metered, FedAvg):
 
     With `num_rounds=1` this is one-shot FedDistill: one upload per client, no model ever sent down.  With more
     rounds it is multi-round (FedDM-style): from round 2 the instruction carries the current global model and
-    clients distil against it (distribution matching in its perturbed embedding, `fedcl.flower.guided_dm`); the
+    clients distil against it (DM's `guide`: matching in its perturbed embedding, `fedcl.distill.dm`); the
     server continues training the global model on the growing memory.  Failed, silent or malformed clients are
     counted in `self.traffic` with a reason and the round completes with the others.
 
@@ -73,6 +74,9 @@ class FedDistill(Metered, FedAvg):
         Where the server trains ("auto" = CUDA when present).
     seed : int (default: 0)
         Seed of the server's training (offset by the round).
+    audit : Callable[[SyntheticSet], int] | None (default: None)
+        Counts the near-copies of training images in an uploaded set (`fedcl.audit.Auditor.near_copies`, for a
+        server that holds the training split, as in simulations); the counts by round are `memory.near_copies`.
     max_examples : int
         As in `strategies.metered.Metered`: the most examples one reply may weigh (larger claims are clipped).
     fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes, weighted_by_key,
@@ -85,14 +89,15 @@ class FedDistill(Metered, FedAvg):
                  memory: str = "all", max_images_per_client: int = 10_000, max_bytes_per_client: int | None = None,
                  pixel_range: tuple[float, float] | None = None, screen: str = "none",
                  screen_threshold: float = EmbeddingScreen.threshold, guide_with_global: bool = True,
-                 device: str = "auto", seed: int = 0, **fedavg_options) -> None:
+                 device: str = "auto", seed: int = 0, audit: Callable[[SyntheticSet], int] | None = None,
+                 **fedavg_options) -> None:
         super().__init__(**fedavg_options)
         self.model, self.model_cfg, self.train_config = model, dict(model_cfg or {}), train_config
         self.guide_with_global, self.device, self.seed = guide_with_global, device, seed
         self.memory = SyntheticMemory(
             image_shape=image_shape, n_classes=n_classes, policy=memory, max_images=max_images_per_client,
             max_bytes=max_bytes_per_client or max_set_bytes(image_shape, n_classes, max_images_per_client),
-            pixel_range=pixel_range, screen=create_screen(screen, threshold=screen_threshold))
+            pixel_range=pixel_range, screen=create_screen(screen, threshold=screen_threshold), audit=audit)
 
     def summary(self) -> None:
         super().summary()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -13,6 +13,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedcl.flower.protocol import DISTILL_MESSAGE, MEMORY_IMAGES
 from fedcl.flower.records import max_set_bytes
 from fedcl.screen import EmbeddingScreen, create_screen
+from fedcl.synthetic import SyntheticSet
 from fedcl.train import TrainConfig
 from strategies.boundary import admit
 from strategies.fed_distill import distill_reply_problem, distill_requests
@@ -61,6 +62,9 @@ class FedAvgDistill(Metered, FedAvg):
         Where the server fine-tunes.
     seed : int (default: 0)
         Seed of the fine-tuning (offset by the round).
+    audit : Callable[[SyntheticSet], int] | None (default: None)
+        Counts the near-copies of training images in an uploaded set (`fedcl.audit.Auditor.near_copies`, for a
+        server that holds the training split, as in simulations); the counts by round are `memory.near_copies`.
     max_examples : int
         As in `strategies.metered.Metered`: the most examples one reply may weigh (larger claims are clipped).
     fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes, weighted_by_key,
@@ -74,14 +78,14 @@ class FedAvgDistill(Metered, FedAvg):
                  max_images_per_client: int = 10_000, max_bytes_per_client: int | None = None,
                  pixel_range: tuple[float, float] | None = None, screen: str = "none",
                  screen_threshold: float = EmbeddingScreen.threshold, device: str = "auto", seed: int = 0,
-                 **fedavg_options) -> None:
+                 audit: Callable[[SyntheticSet], int] | None = None, **fedavg_options) -> None:
         super().__init__(**fedavg_options)
         self.model, self.model_cfg, self.finetune_config = model, dict(model_cfg or {}), finetune_config
         self.distill_rounds, self.device, self.seed = tuple(distill_rounds), device, seed
         self.memory = SyntheticMemory(
             image_shape=image_shape, n_classes=n_classes, policy=memory, max_images=max_images_per_client,
             max_bytes=max_bytes_per_client or max_set_bytes(image_shape, n_classes, max_images_per_client),
-            pixel_range=pixel_range, screen=create_screen(screen, threshold=screen_threshold))
+            pixel_range=pixel_range, screen=create_screen(screen, threshold=screen_threshold), audit=audit)
 
     def summary(self) -> None:
         super().summary()

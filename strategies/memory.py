@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, Message
 
-from fedcl.flower.protocol import METRICS, SYNTHETIC_IMAGES, SYNTHETIC_KEY
+from fedcl.flower.protocol import EPSILON_SPENT, METRICS, SYNTHETIC_IMAGES, SYNTHETIC_KEY
 from fedcl.flower.records import arrays_to_model, model_to_arrays, synset_from_record
 from fedcl.models import create_model
 from fedcl.screen import EmbeddingScreen
@@ -32,27 +32,47 @@ class SyntheticMemory:
     image_shape / n_classes: what every set must match.  max_images / max_bytes: per-set ceilings; a set above
     them is rejected as oversize.  pixel_range: (lowest, highest) pixel value a set may hold (None: any finite
     value).  screen: when given, the valid sets of a round are screened together
-    (`fedcl.screen`) and the outliers are refused as failures with the screen's reason.
+    (`fedcl.screen`) and the outliers are refused as failures with the screen's reason.  audit: when given, counts
+    the near-copies of training images in a set (`fedcl.audit.Auditor.near_copies`); every valid upload is
+    audited and `near_copies` holds the count by round.  `epsilon` holds, by node, the privacy budget each client
+    reports it has spent (metric `epsilon-spent` of its distillation replies).
     """
 
     def __init__(self, *, image_shape: tuple[int, int, int], n_classes: int, max_images: int, max_bytes: int,
                  policy: str = "all", pixel_range: tuple[float, float] | None = None,
-                 screen: EmbeddingScreen | None = None) -> None:
+                 screen: EmbeddingScreen | None = None,
+                 audit: Callable[[SyntheticSet], int] | None = None) -> None:
         if policy not in ("all", "latest"):
             raise ValueError(f"memory policy must be 'all' or 'latest', got {policy!r}")
         self.image_shape, self.n_classes, self.policy = tuple(image_shape), n_classes, policy
         self.max_images, self.max_bytes, self.screen = max_images, max_bytes, screen
-        self.pixel_range = pixel_range
+        self.pixel_range, self.audit = pixel_range, audit
         self.sets: dict[int, list[SyntheticSet]] = {}
+        self.near_copies: dict[int, int] = {}
+        self.epsilon: dict[int, float] = {}
 
     def accept(self, server_round: int, replies: Iterable[Message], traffic: TrafficLog) -> int:
         """Decode, screen and store the synthetic set of every successful reply; a malformed or screened-out set
         is a failure with its reason.  Returns how many sets were accepted."""
+        replies = self.note_privacy(replies)
         return self.admit(server_round, self._decode(server_round, replies, traffic), traffic)
+
+    def note_privacy(self, replies: Iterable[Message]) -> list[Message]:
+        """Record the spent privacy budget that (boundary-checked) distillation replies report; returns them."""
+        replies = list(replies)
+        for reply in replies:
+            metrics = reply.content.metric_records.get(METRICS) if not reply.has_error() else None
+            if metrics is not None and EPSILON_SPENT in metrics:
+                self.epsilon[int(reply.metadata.src_node_id)] = float(metrics[EPSILON_SPENT])
+        return replies
 
     def admit(self, server_round: int, arrived: list[tuple[int, SyntheticSet]], traffic: TrafficLog) -> int:
         """Screen a round's valid (node, set) pairs together and store those that pass; the screened-out ones are
-        failures with the screen's reason.  Returns how many were stored."""
+        failures with the screen's reason.  Every valid set is audited first (with `audit`).  Returns how many
+        were stored."""
+        if self.audit is not None and arrived:
+            count = sum(self.audit(synset) for _, synset in arrived)
+            self.near_copies[server_round] = self.near_copies.get(server_round, 0) + count
         if self.screen is not None and arrived:
             verdict = self.screen([synset for _, synset in arrived])
             for i in verdict.outliers:

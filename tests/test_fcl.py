@@ -30,7 +30,7 @@ from strategies import ContinualFedAvg, SyntheticMemory, TaskSchedule, TrafficLo
 
 ROOT = Path(__file__).resolve().parents[1]
 #: CPU-sized continual settings on digits: 3 clients, 2 tasks of 5 classes, 1 round per task, width 16.
-TINY = dict(dataset="digits", scenario="continual", tasks=2, num_rounds=1, width=16, distill_iterations=5,
+TINY = dict(dataset="digits", scenario="continual", tasks=2, rounds_per_task=1, width=16, distill_iterations=5,
             batch_real=16, ipc=3, min_nodes=3, local_epochs=2)
 
 
@@ -373,7 +373,7 @@ def test_a_continual_run_is_reproducible(tmp_path):
 
     runs = []
     for i in range(2):
-        settings = FedSettings(**{**TINY, "min_nodes": 4, "width": 8, "num_rounds": 2, "local_epochs": 5},
+        settings = FedSettings(**{**TINY, "min_nodes": 4, "width": 8, "rounds_per_task": 2, "local_epochs": 5},
                                local_lr=0.05, local_batch_size=16, strategy="fedavg", out_dir=str(tmp_path / str(i)))
         runs.append([row["accuracy"] for row in simulate(settings, 4, engine="local")])
     assert runs[0] == runs[1]  # Flower samples nodes in random order; aggregation must not depend on it

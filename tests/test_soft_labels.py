@@ -19,7 +19,7 @@ from fedcl.train import common_labels, soft_predictions
 from strategies import ContinualFedAvg, TaskSchedule
 
 #: CPU-sized continual settings on digits: 3 clients, 2 tasks of 5 classes, 1 round per task, width 16.
-TINY = dict(dataset="digits", scenario="continual", tasks=2, num_rounds=1, width=16, distill_iterations=5,
+TINY = dict(dataset="digits", scenario="continual", tasks=2, rounds_per_task=1, width=16, distill_iterations=5,
             batch_real=16, ipc=3, min_nodes=3, local_epochs=2, label_temperature=2.0)
 
 

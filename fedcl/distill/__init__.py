@@ -4,10 +4,12 @@ from fedcl.distill.base import (
     Distiller,
     DistillResult,
     Source,
+    accepted_options,
     available_distillers,
     create_distiller,
     distiller_class,
     register,
+    supports_guide,
 )
 from fedcl.distill.coreset import HerdingCoreset, RandomCoreset
 from fedcl.distill.dance import DualViewDistributionAlignment
@@ -31,8 +33,10 @@ __all__ = [
     "SiameseGradientMatching",
     "Source",
     "TrajectoryMatching",
+    "accepted_options",
     "available_distillers",
     "create_distiller",
     "distiller_class",
     "register",
+    "supports_guide",
 ]

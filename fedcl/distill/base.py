@@ -53,6 +53,16 @@ class Source:
     def of(cls, dataset: ImageDataset) -> Source:
         return cls(dataset.name, dataset.mean, dataset.std)
 
+    def clamp(self, images: torch.Tensor) -> torch.Tensor:
+        """`images` (N, C, H, W, normalised by this source) projected into the range of real pixels, per channel
+        (0 - mean) / std .. (1 - mean) / std: a synthetic image is an image (a start from noise, or a long run,
+        drifts beyond it)."""
+        if len(self.mean) != images.shape[1] or len(self.std) != images.shape[1]:
+            raise ValueError(f"source {self.dataset!r} has {len(self.mean)} channels, the images {images.shape[1]}")
+        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        return torch.minimum(torch.maximum(images, -mean / std), (1 - mean) / std)
+
 
 @dataclass
 class DistillResult:
@@ -123,7 +133,8 @@ class Distiller(ABC):
 
     def distill(self, images: torch.Tensor, labels: torch.Tensor, *, ipc: int, n_classes: int | None = None,
                 source: Source | None = None, callback: ProgressCallback | None = None) -> SyntheticSet:
-        """Compress (images, labels) into `ipc` synthetic images for every class present in `labels`."""
+        """Compress (images, labels) into `ipc` synthetic images for every class present in `labels`; with a
+        `source`, the images end projected into its range of real pixels (`Source.clamp`)."""
         if images.ndim != 4 or labels.ndim != 1 or images.shape[0] != labels.shape[0] or images.shape[0] == 0:
             raise ValueError(f"expected images (N, C, H, W) and labels (N,) with N > 0, got {tuple(images.shape)} "
                              f"and {tuple(labels.shape)}")
@@ -133,10 +144,12 @@ class Distiller(ABC):
         n_classes = int(labels.max()) + 1 if n_classes is None else n_classes
         if int(labels.min()) < 0 or int(labels.max()) >= n_classes:
             raise ValueError(f"labels must lie in 0..{n_classes - 1}")
-        source = source or Source()
         start = time.perf_counter()
         self._clock = {"start": start, "run": None, "stopped_by_budget": False}
         result = self._distill(images.float(), labels, ipc, n_classes, callback)
+        if source is not None:
+            result.images = source.clamp(result.images)
+        source = source or Source()
         seconds = time.perf_counter() - start
         run = {} if self._clock["run"] is None else {"iterations_run": self._clock["run"],
                                                      "stopped_by_budget": self._clock["stopped_by_budget"]}
@@ -227,6 +240,8 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, torch.Tensor):  # e.g. a guide model's weights: identified by their content
+        return hashlib.sha256(value.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return _plain(dataclasses.asdict(value))
     return repr(value) if type(value).__repr__ is not object.__repr__ else type(value).__name__
@@ -259,6 +274,11 @@ def accepted_options(name: str) -> set[str]:
     cls = distiller_class(name)
     return {p for klass in cls.__mro__ if klass is not object and "__init__" in vars(klass)
             for p in inspect.signature(klass.__init__).parameters if p not in ("self", "base")}
+
+
+def supports_guide(name: str) -> bool:
+    """Whether a registered distiller can match in a guide model's perturbed embedding (DM's `guide`)."""
+    return bool(getattr(distiller_class(name), "supports_guide", False))
 
 
 def default_model(name: str) -> str:

@@ -42,6 +42,7 @@ class DualViewDistributionAlignment(DistributionMatching):
     `expert_lr`, momentum 0.9 and weight decay 5e-4 on batches of `expert_batch` real images."""
 
     name = "dance"
+    supports_guide = False
 
     def __init__(self, *, factor: int = 2, experts: int = 4, expert_epochs: float = 2.0, expert_batch: int = 256,
                  expert_lr: float = 0.01, calib_weight: float = 1.0, clamp: bool = True, **options) -> None:

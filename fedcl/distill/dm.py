@@ -18,7 +18,10 @@ The synthetic embeddings are clipped to the same bound (no privacy cost) so that
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 
@@ -26,8 +29,9 @@ from fedcl.augment import DEFAULT_STRATEGY, DSA
 from fedcl.data.sampling import ClassIndex
 from fedcl.distill.base import Distiller, DistillResult, ProgressCallback, register
 from fedcl.distill.functional import initial_images
+from fedcl.models import create_model
 from fedcl.privacy import GaussianClassSums, PrivacyBudget, clip_rows, poisson_sample
-from fedcl.runtime import CompiledEmbedding, autocast
+from fedcl.runtime import CompiledEmbedding, autocast, seeded
 from fedcl.runtime import generator as make_generator
 from fedcl.synthetic import expand_tiles, pack_tiles
 
@@ -54,17 +58,31 @@ class DistributionMatching(Distiller):
     dp_keep_checkpoint=True (with a warning).
     factor: multi-formation factor f: each stored image holds f x f tiles, each a training image upsampled to
     the full size, so f**2 training images per stored image (`fedcl.synthetic.expand_tiles`).
+    guide / guide_noise: FedDM-style guidance (Xiong et al., CVPR 2023): with a model's state_dict as `guide`
+    (same architecture as model/model_cfg), every iteration embeds with that model, its weights perturbed by
+    Gaussian noise of `guide_noise` times each tensor's RMS, instead of a freshly initialised network; a federated
+    client passes the global model, so its set carries what that model still gets wrong about the local data.
+    Methods that choose their own matching networks (`supports_guide` False) refuse a guide.
     """
 
     name = "dm"
     supports_factor = True
+    #: Whether the method's matching networks can be replaced by a perturbed guide model.
+    supports_guide: ClassVar[bool] = True
 
     def __init__(self, *, iterations: int = 1000, lr_img: float = 1.0, momentum: float = 0.5,
                  batch_real: int = 256, init: str | None = None, dsa: bool = True,
                  dsa_strategy: str = DEFAULT_STRATEGY, amp: bool | None = None, chunk: int = 256,
                  dp_epsilon: float | None = None, dp_delta: float = 1e-5, dp_clip: float | None = None,
-                 dp_keep_checkpoint: bool = False, compile: bool | None = None, **base) -> None:
+                 dp_keep_checkpoint: bool = False, compile: bool | None = None,
+                 guide: Mapping[str, torch.Tensor] | None = None, guide_noise: float = 0.05, **base) -> None:
         super().__init__(**base)
+        if guide is not None and not self.supports_guide:
+            raise ValueError(f"{self.name} chooses its own matching networks and takes no guide model")
+        if guide_noise < 0:
+            raise ValueError(f"guide_noise must be >= 0, got {guide_noise}")
+        self.guide = None if guide is None else {k: v.detach().cpu() for k, v in guide.items()}
+        self.guide_noise = guide_noise
         self.compile = self.device.type == "cpu" and iterations >= 200 if compile is None else bool(compile)
         self._compiled = None
         self.privacy = None if dp_epsilon is None else PrivacyBudget(dp_epsilon, dp_delta, dp_clip)
@@ -123,6 +141,17 @@ class DistributionMatching(Distiller):
             "final_loss": losses[-1] if losses else None, **self.describe(),
             **({} if mechanism is None else {"dp": mechanism.report()})})
 
+    def new_model(self, in_shape: tuple[int, int, int], n_classes: int, seed: int) -> torch.nn.Module:
+        """The base's network, except that without a guide a ConvNet pools no further than a 2x2 feature map
+        (`matching_depth`): pooled to 1x1 under instance norm, its embedding carries almost no signal, and DM
+        from noise on 8x8 digits stays at chance (depth 3) where depth 2 learns."""
+        if self.model != "convnet" or self.guide is not None:
+            return super().new_model(in_shape, n_classes, seed)
+        depth = matching_depth(in_shape, self.model_cfg.get("depth", 3))
+        with seeded(seed):
+            net = create_model(self.model, in_shape, n_classes, **{**self.model_cfg, "depth": depth})
+        return net.to(self.device, memory_format=torch.channels_last)
+
     # ------------------------------------------------------------------ hooks of the DM family (IDM, DANCE)
     def pool_tensors(self, in_shape: tuple[int, int, int], n_classes: int) -> dict[str, torch.Tensor]:
         """Extra loop tensors that a checkpoint must carry (a model pool); plain DM has none."""
@@ -134,8 +163,12 @@ class DistributionMatching(Distiller):
 
     def match_networks(self, in_shape: tuple[int, int, int], n_classes: int, net_seed: int,
                        gen: torch.Generator) -> list[torch.nn.Module]:
-        """The networks whose embeddings are matched this iteration: DM's one freshly initialised network."""
-        return [self.new_model(in_shape, n_classes, net_seed)]
+        """The networks whose embeddings are matched this iteration: DM's one freshly initialised network, or the
+        guide model perturbed afresh (seeded by `net_seed`)."""
+        net = self.new_model(in_shape, n_classes, net_seed)
+        if self.guide is not None:
+            perturb_to(net, self.guide, self.guide_noise, net_seed)
+        return [net]
 
     def regulariser(self, net: torch.nn.Module, emb: torch.Tensor, x: torch.Tensor,
                     train_labels: torch.Tensor) -> torch.Tensor | None:
@@ -233,6 +266,21 @@ class DistributionMatching(Distiller):
                 emb = clip_rows(emb, mechanism.clip)
             sums = sums + group_sums(emb, grp, n_groups)
         return sums if mechanism is not None else sums / group_counts(groups, n_groups, self.device)
+
+
+def matching_depth(in_shape: tuple[int, int, int], depth: int) -> int:
+    """`depth` capped so that a ConvNet's last pooling leaves at least a 2x2 map of an image of `in_shape`."""
+    return max(1, min(depth, int(math.log2(min(in_shape[1:]))) - 1))
+
+
+@torch.no_grad()
+def perturb_to(net: torch.nn.Module, state: Mapping[str, torch.Tensor], noise: float, seed: int) -> None:
+    """Load `state` into `net`, then add Gaussian noise of `noise` times each parameter tensor's RMS (seeded)."""
+    net.load_state_dict(state)
+    gen = make_generator(seed)
+    for p in net.parameters():
+        rms = p.square().mean().sqrt().clamp_min(1e-8)
+        p.add_(torch.randn(p.shape, generator=gen).to(p.device) * (noise * rms))
 
 
 def group_sums(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:

@@ -38,6 +38,7 @@ class ImprovedDistributionMatching(DistributionMatching):
     cross-entropy regulariser.  Options beyond DM's are described in the module docstring."""
 
     name = "idm"
+    supports_guide = False
 
     def __init__(self, *, factor: int = 2, pool_size: int = 20, push_every: int = 30, nets_per_step: int = 1,
                  train_nets: int = 1, train_steps: int = 5, train_batch: int = 256, net_lr: float = 0.01,

@@ -31,7 +31,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from fedcl.files import atomic_write, write_json
-from fedcl.flower.results import COLUMNS
+from fedcl.flower.results import COLUMNS, OPTIONAL_COLUMNS
 from fedcl.flower.settings import changed_settings
 from strategies import SyntheticMemory, TrafficLog
 
@@ -134,7 +134,7 @@ def _is_row(row: Any, server_round: int) -> bool:
     """Whether `row` is the rounds.csv row of `server_round`: every column, numbers where numbers belong."""
     if not isinstance(row, dict) or set(row) != set(COLUMNS) or row["round"] != server_round:
         return False
-    text = {"failure_reasons"} | ({"client_accuracy"} if row["client_accuracy"] == "" else set())
+    text = {"failure_reasons"} | {k for k in OPTIONAL_COLUMNS if row[k] == ""}
     return isinstance(row["failure_reasons"], str) and all(
         type(row[k]) in (int, float) and math.isfinite(row[k]) for k in COLUMNS if k not in text)
 

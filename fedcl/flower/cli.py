@@ -81,7 +81,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from fedcl.flower.settings import FedSettings
 
     settings = FedSettings(dataset=args.dataset, data_root=args.data_root, scenario="continual", tasks=args.tasks,
-                           num_rounds=args.rounds, local_epochs=args.local_epochs, local_lr=args.local_lr,
+                           rounds_per_task=args.rounds, local_epochs=args.local_epochs, local_lr=args.local_lr,
                            local_batch_size=args.batch_size, replay_batch_size=args.batch_size, alpha=args.alpha,
                            ipc=args.ipc, distill_iterations=args.distill_iterations, width=args.width,
                            device=args.device)

@@ -2,8 +2,9 @@
 
 Message types it answers (Flower's `<category>.<action>` routing):
 - `train.distill`: distil the client's partition into `ipc` synthetic images per class on the client's device
-  (plain DM with random networks, or DM against the global model when the message carries one) and reply with
-  the SyntheticSet as records (`fedcl.flower.records`) and a MetricRecord.
+  with the run's `distiller` (DM by default, from noise; guided by the global model when the message carries one
+  and the distiller takes a guide; differentially private with `dp-epsilon`, charged to the client's
+  `PrivacyLedger`) and reply with the SyntheticSet as records (`fedcl.flower.records`) and a MetricRecord.
 - `train`: load the global model, train it `local-epochs` on the partition, reply with the weights.
 - `evaluate`: accuracy of the global model on the client's partition.
 Every instruction carries the run's settings in its ConfigRecord `config` (see `FedSettings`); the client's
@@ -20,14 +21,14 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedcl.distill import Source, create_distiller
+from fedcl.distill import Source
 from fedcl.flower import continual_client
-from fedcl.flower.guided_dm import GlobalModelDM
-from fedcl.flower.node import client_seed, global_model, local_data, message_settings
+from fedcl.flower.node import PrivacyLedger, client_distiller, client_seed, global_model, local_data, message_settings
 from fedcl.flower.protocol import (
     ARRAYS,
     DISTILL_ACTION,
     DISTILL_SECONDS,
+    EPSILON_SPENT,
     LOCAL_ACCURACY,
     METRICS,
     NUM_EXAMPLES,
@@ -49,20 +50,22 @@ def distill(msg: Message, context: Context) -> Message:
         return continual_client.distill_task(msg, context, settings, server_round, task)
     dataset, images, labels, pid = local_data(settings, context)
     images, labels = well_held_classes(images, labels, settings.min_class_images)
-    options = dict(model=settings.model, model_cfg=settings.model_cfg, device=settings.device,
-                   seed=client_seed(settings.seed, pid, server_round), iterations=settings.distill_iterations,
-                   batch_real=settings.batch_real)
+    ledger = PrivacyLedger(settings, context) if settings.dp_epsilon > 0 else None
+    if ledger is not None:
+        ledger.check()
+    guide = None
     if ARRAYS in msg.content.array_records:
-        state = global_model(settings, dataset, msg.content.array_records[ARRAYS]).state_dict()
-        distiller = GlobalModelDM(global_state=state, noise=settings.guide_noise, **options)
-    else:
-        distiller = create_distiller("dm", **options)
+        guide = global_model(settings, dataset, msg.content.array_records[ARRAYS]).state_dict()
+    distiller = client_distiller(settings, pid, server_round, guide)
     start = time.perf_counter()
     synset = distiller.distill(images, labels, ipc=settings.ipc, n_classes=dataset.n_classes,
                                source=Source.of(dataset))
     content = synset_to_record(synset, settings.upload_dtype)
-    content[METRICS] = MetricRecord({NUM_EXAMPLES: int(labels.numel()), SYNTHETIC_IMAGES: len(synset),
-                                     DISTILL_SECONDS: time.perf_counter() - start})
+    metrics = {NUM_EXAMPLES: int(labels.numel()), SYNTHETIC_IMAGES: len(synset),
+               DISTILL_SECONDS: time.perf_counter() - start}
+    if ledger is not None:
+        metrics[EPSILON_SPENT] = ledger.charge()
+    content[METRICS] = MetricRecord(metrics)
     return Message(content=content, reply_to=msg)
 
 

@@ -5,8 +5,9 @@ The ClientApp (`fedcl.flower.client_app`) routes here when the run's scenario is
   mini-batch mixed with samples of the client's memory (and of the server's replay slice, when one was sent),
   DSA-augmented when the run sets `replay-dsa`;
 - `distill_task` (message `train.distill`, at the end of a task): distil the task's data into the memory
-  (`fedcl.memory.DistilledMemory`, `ipc` images per class: DM for fed-distill, random real images for
-  fedavg-replay) and, for fed-distill-server, upload the new synthetic set.  With a `label-temperature` the new
+  (`fedcl.memory.DistilledMemory`, `ipc` images per class: the run's `distiller` for fed-distill, random real
+  images for fedavg-replay; private with `dp-epsilon`, charged to the client's `PrivacyLedger`) and, for
+  fed-distill-server, upload the new synthetic set.  With a `label-temperature` the new
   set's labels become soft: half its one-hot labels, half the global model's (sent with the request) softmax of
   logits / T over the classes met so far, as DER++ replays the predictions recorded when a sample entered memory.
   With `rehearsal-epochs` the client then trains the global model (sent with the request) on its memory alone
@@ -25,10 +26,11 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedcl.data import ImageDataset
 from fedcl.data.streams import class_groups, task_order
-from fedcl.distill import Source, create_distiller
-from fedcl.flower.node import client_seed, global_model, local_data
+from fedcl.distill import Source
+from fedcl.flower.node import PrivacyLedger, client_distiller, client_seed, global_model, local_data
 from fedcl.flower.protocol import (
     ARRAYS,
+    EPSILON_SPENT,
     MEMORY_IMAGES,
     METRICS,
     NUM_EXAMPLES,
@@ -161,21 +163,21 @@ def distill_task(msg: Message, context: Context, settings: FedSettings, server_r
     if settings.memory_distiller is None:
         raise ValueError(f"strategy {settings.strategy!r} keeps no memory; nothing to distil")
     memory = load_memory(settings, context)
+    ledger = PrivacyLedger(settings, context) if settings.dp_epsilon > 0 else None
     synset = None
     if labels.numel():
-        options = {"iterations": settings.distill_iterations, "batch_real": settings.batch_real} \
-            if settings.memory_distiller == "dm" else {}
-        distiller = create_distiller(settings.memory_distiller, model=settings.model, model_cfg=settings.model_cfg,
-                                     device=settings.device, seed=client_seed(settings.seed, pid, task),
-                                     **options)
-        synset = memory.add(group, images, labels, distiller, n_classes=dataset.n_classes,
-                            source=Source.of(dataset))
+        if ledger is not None:
+            ledger.check()
+        synset = memory.add(group, images, labels, client_distiller(settings, pid, task),
+                            n_classes=dataset.n_classes, source=Source.of(dataset))
         if settings.label_temperature > 0:
             synset = memory.relabel(group, soft_labels(settings, msg, dataset, pid, synset, task))
         store_memory(memory, context)
     content = synset_to_record(synset, settings.upload_dtype) if settings.server_memory and synset else RecordDict()
     metrics = {NUM_EXAMPLES: int(labels.numel()), MEMORY_IMAGES: len(memory),
                SYNTHETIC_IMAGES: len(synset) if synset else 0, TASK: task}
+    if ledger is not None:
+        metrics[EPSILON_SPENT] = ledger.charge() if synset is not None else ledger.spent
     if settings.rehearses:
         metrics[REHEARSAL_EXAMPLES] = rehearse(settings, msg, context, dataset, pid, server_round, content)
     content[METRICS] = MetricRecord(metrics)

@@ -20,9 +20,9 @@ from torch import nn
 from fedcl.continual_metrics import step_metrics
 from fedcl.data import ImageDataset, load_dataset
 from fedcl.data.streams import class_groups, groups_seen
-from fedcl.flower.loop import sampling, start_strategy
+from fedcl.flower.loop import sampling, start_strategy, upload_audit
 from fedcl.flower.records import pixel_window
-from fedcl.flower.results import write_task_results
+from fedcl.flower.results import total, write_task_results
 from fedcl.flower.settings import FedSettings
 from fedcl.runtime import resolve_device
 from fedcl.train import TrainConfig, evaluate_model
@@ -31,7 +31,8 @@ from strategies import ContinualFedAvg, TaskSchedule
 
 def build_continual_strategy(settings: FedSettings, dataset: ImageDataset) -> ContinualFedAvg:
     """The continual strategy the settings name (memory and server memory follow from `settings.strategy`)."""
-    schedule = TaskSchedule(settings.num_rounds, settings.tasks, distill_round=settings.memory_distiller is not None)
+    schedule = TaskSchedule(settings.rounds_per_task, settings.tasks,
+                            distill_round=settings.memory_distiller is not None)
     finetune = TrainConfig(epochs=settings.finetune_epochs, lr=settings.server_lr,
                            batch_size=settings.server_batch_size, decay_at=1.0, dsa=True)
     return ContinualFedAvg(schedule=schedule, image_shape=dataset.image_shape, n_classes=dataset.n_classes,
@@ -40,7 +41,8 @@ def build_continual_strategy(settings: FedSettings, dataset: ImageDataset) -> Co
                            finetune_config=finetune, slice_ipc=settings.ipc,
                            max_images_per_client=settings.ipc * dataset.n_classes,
                            pixel_range=pixel_window(dataset.mean, dataset.std), device=settings.device,
-                           seed=settings.seed, **sampling(settings, dataset))
+                           seed=settings.seed, audit=upload_audit(settings, dataset) if settings.server_memory
+                           else None, **sampling(settings, dataset))
 
 
 def group_scorer(settings: FedSettings, dataset: ImageDataset,
@@ -71,6 +73,8 @@ def task_rows(round_rows: list[dict[str, Any]], scores: dict[int, Any], schedule
         uplink = sum(int(r["uplink_bytes"]) for r in in_task)
         cumulative += uplink
         rows.append({"task": task, "round": last, "uplink_bytes": uplink,
+                     "near_copies": total(r["near_copies"] for r in in_task),
+                     "epsilon": next((r["epsilon"] for r in reversed(in_task) if r["epsilon"] != ""), ""),
                      "downlink_bytes": sum(int(r["downlink_bytes"]) for r in in_task),
                      "cumulative_uplink_bytes": cumulative,
                      "clients_failed": sum(int(r["clients_failed"]) for r in in_task),

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from torch import nn
 
+from fedcl.audit import Auditor
 from fedcl.data import ImageDataset
 from fedcl.flower.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fedcl.flower.protocol import LOCAL_ACCURACY
@@ -28,6 +29,7 @@ from fedcl.flower.results import write_rounds_csv
 from fedcl.flower.settings import FedSettings
 from fedcl.models import create_model
 from fedcl.runtime import seeded
+from fedcl.synthetic import SyntheticSet
 from strategies import Metered, TrafficLog
 
 
@@ -73,6 +75,12 @@ def start_strategy(grid: Grid, settings: FedSettings, strategy: Metered, dataset
     return rows, result
 
 
+def upload_audit(settings: FedSettings, dataset: ImageDataset) -> Callable[[SyntheticSet], int] | None:
+    """The near-copy count of an uploaded set against the training split (`fedcl.audit.Auditor`), or None when
+    the run's `audit` is off."""
+    return Auditor(dataset, device=settings.device).near_copies if settings.audit else None
+
+
 def initial_model(settings: FedSettings, dataset: ImageDataset) -> torch.nn.Module:
     """The global model at its seeded initialisation."""
     with seeded(settings.seed):
@@ -100,12 +108,17 @@ def starting_point(settings: FedSettings, strategy: Strategy,
 def _row(server_round: int, accuracy: float, strategy: Metered, rows: list[dict[str, Any]],
          seconds: float) -> dict[str, Any]:
     """The rounds.csv row of a completed round: server-side test accuracy, the clients' mean local accuracy (when
-    they evaluated), traffic and failures."""
+    they evaluated), traffic, failures, the near-copies among the round's uploads (empty: none audited) and the
+    largest privacy budget a client has spent so far (empty: DP off)."""
     t = strategy.traffic[server_round]
     cumulative = (rows[-1]["cumulative_uplink_bytes"] if rows else 0) + t.uplink_bytes
     local = strategy.client_evaluation.get(server_round, {}).get(LOCAL_ACCURACY)
+    memory = getattr(strategy, "memory", None)
+    near_copies = "" if memory is None else memory.near_copies.get(server_round, "")
+    epsilon = round(max(memory.epsilon.values()), 6) if memory is not None and memory.epsilon else ""
     return {"round": server_round, "accuracy": round(float(accuracy), 6),
             "client_accuracy": "" if local is None else round(float(local), 6),
             "uplink_bytes": t.uplink_bytes, "downlink_bytes": t.downlink_bytes, "cumulative_uplink_bytes": cumulative,
             "replies_ok": t.messages_sent - len(t.failures), "clients_failed": len(t.failures),
+            "near_copies": near_copies, "epsilon": epsilon,
             "seconds": round(seconds, 3), "failure_reasons": "; ".join(f"node {n}: {why}" for n, why in t.failures)}

@@ -6,12 +6,14 @@ Shared by the ClientApp's handlers (`fedcl.flower.client_app`) and the continual
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
 
 import torch
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 
 from fedcl.data import ImageDataset, load_dataset, partition
+from fedcl.distill import Distiller, accepted_options, create_distiller, supports_guide
 from fedcl.flower.protocol import CONFIG, SERVER_ROUND, TASK
 from fedcl.flower.records import arrays_to_model
 from fedcl.flower.settings import FedSettings
@@ -62,3 +64,60 @@ def global_model(settings: FedSettings, dataset: ImageDataset, arrays: ArrayReco
     with seeded(settings.seed):
         net = create_model(settings.model, dataset.image_shape, dataset.n_classes, **settings.model_cfg)
     return arrays_to_model(net, arrays)
+
+
+def client_distiller(settings: FedSettings, pid: int, step: int,
+                     guide: Mapping[str, torch.Tensor] | None = None) -> Distiller:
+    """The distiller the run names for this client's release at `step` (a round, or a task): the run's model and
+    device, the client's seed, the settings' iterations, real batch, init and DP share where the distiller takes
+    them, `guide` (the global model's weights) where it supports one, then the run's `distiller-opt`."""
+    name = settings.client_distiller
+    accepted = accepted_options(name)
+    wanted = {"iterations": settings.distill_iterations, "batch_real": settings.batch_real, "init": settings.init}
+    options = {"model": settings.model, "model_cfg": settings.model_cfg, "device": settings.device,
+               "seed": client_seed(settings.seed, pid, step), **{k: v for k, v in wanted.items() if k in accepted}}
+    if guide is not None and supports_guide(name):
+        options.update(guide=guide, guide_noise=settings.guide_noise)
+    if settings.dp_epsilon > 0:
+        epsilon, delta = PrivacyLedger.share(settings)
+        options.update(dp_epsilon=epsilon, dp_delta=delta)
+        if settings.dp_clip > 0:
+            options["dp_clip"] = settings.dp_clip
+    return create_distiller(name, **{**options, **settings.distiller_options()})
+
+
+class PrivacyLedger:
+    """A client's spent privacy budget, kept in its `Context.state` (so it spans rounds and tasks).
+
+    The run's (dp-epsilon, dp-delta) is the client's budget over its whole run; each of its `settings.uploads`
+    releases gets an even share, calibrated by the distiller, and the shares compose by addition (basic
+    composition).  A client whose releases are all spent refuses to distil again and says so."""
+
+    STATE = "fedcl-privacy"
+
+    def __init__(self, settings: FedSettings, context: Context) -> None:
+        self.settings, self.context = settings, context
+        record = context.state.config_records.get(self.STATE)
+        self.releases = int(record["releases"]) if record is not None else 0
+
+    @staticmethod
+    def share(settings: FedSettings) -> tuple[float, float]:
+        """(epsilon, delta) of one release."""
+        return settings.dp_epsilon / settings.uploads, settings.dp_delta / settings.uploads
+
+    @property
+    def spent(self) -> float:
+        """Epsilon spent so far."""
+        return self.releases * self.share(self.settings)[0]
+
+    def check(self) -> None:
+        """Raise ValueError (reported to the server as this client's failure) when no release is left."""
+        if self.releases >= self.settings.uploads:
+            raise ValueError(f"privacy budget spent: this client made its {self.releases} private releases "
+                             f"(epsilon {self.spent:.4g} of {self.settings.dp_epsilon:g}) and uploads no more")
+
+    def charge(self) -> float:
+        """Count one release; returns the epsilon spent so far."""
+        self.releases += 1
+        self.context.state[self.STATE] = ConfigRecord({"releases": self.releases})
+        return self.spent

@@ -43,6 +43,8 @@ DISTILL_SECONDS = "distill-seconds"
 MEMORY_IMAGES = "memory-images"
 REHEARSAL_EXAMPLES = "rehearsal-examples"
 LOCAL_ACCURACY = "local-accuracy"
+#: The privacy budget a client has spent so far over all its releases (differentially private runs only).
+EPSILON_SPENT = "epsilon-spent"
 
 #: Largest count any reply may claim (examples, images): far above any partition, far below float trouble.
 MAX_COUNT = 10**9
@@ -80,6 +82,7 @@ METRIC_BOUNDS: dict[str, Bound] = {
     TRAIN_LOSS: Bound(0.0, 1e6),
     DISTILL_SECONDS: Bound(0.0, 1e7),
     LOCAL_ACCURACY: Bound(0.0, 1.0),
+    EPSILON_SPENT: Bound(0.0, 1e6),
 }
 #: Range of a metric the protocol does not name (a strategy driven by other clients): any finite number of a
 #: sane size.

@@ -11,10 +11,14 @@ from typing import Any
 
 from fedcl.files import atomic_write, save_figure, write_csv, write_json
 
-#: Columns of rounds.csv (outside checks rely on round, accuracy, uplink_bytes, downlink_bytes).  accuracy is the
-#: global model's on the server's test split; client_accuracy the clients' weighted mean on their own partitions.
+#: Columns of rounds.csv (outside checks rely on round, accuracy, uplink_bytes, downlink_bytes, near_copies and
+#: epsilon).  accuracy is the global model's on the server's test split; client_accuracy the clients' weighted mean
+#: on their own partitions; near_copies the uploaded images the audit flags (empty: nothing audited); epsilon the
+#: largest privacy budget a client has spent so far (empty: DP off).
 COLUMNS = ("round", "accuracy", "client_accuracy", "uplink_bytes", "downlink_bytes", "cumulative_uplink_bytes",
-           "replies_ok", "clients_failed", "seconds", "failure_reasons")
+           "replies_ok", "clients_failed", "near_copies", "epsilon", "seconds", "failure_reasons")
+#: Columns of rounds.csv that may be empty.
+OPTIONAL_COLUMNS = ("client_accuracy", "near_copies", "epsilon")
 
 
 def read_csv(path: str | os.PathLike[str]) -> list[dict[str, str]]:
@@ -38,7 +42,14 @@ def summarise(rows: list[dict[str, Any]], label: str) -> dict[str, Any]:
             "best_accuracy": max(float(r["accuracy"]) for r in rows),
             "uplink_bytes": sum(int(r["uplink_bytes"]) for r in rows),
             "downlink_bytes": sum(int(r["downlink_bytes"]) for r in rows),
-            "clients_failed": sum(int(r["clients_failed"]) for r in rows), "seconds": float(last["seconds"])}
+            "clients_failed": sum(int(r["clients_failed"]) for r in rows), "seconds": float(last["seconds"]),
+            "near_copies": total(r.get("near_copies", "") for r in rows), "epsilon": last.get("epsilon", "")}
+
+
+def total(values: Any) -> int | str:
+    """The sum of the numbers among `values` ("" when there are none: nothing was audited)."""
+    numbers = [int(v) for v in values if v != ""]
+    return sum(numbers) if numbers else ""
 
 
 def markdown_table(summaries: list[dict[str, Any]]) -> str:
@@ -88,7 +99,7 @@ def write_results(rows: list[dict[str, Any]], out_dir: str | os.PathLike[str], l
 #: Leading columns of tasks.csv (continual scenario; outside checks rely on task, avg_accuracy, forgetting and
 #: uplink_bytes); per-group accuracies `acc_task<g>` follow.  Accuracies in [0, 1], traffic per task in bytes.
 TASK_COLUMNS = ("task", "round", "avg_accuracy", "forgetting", "bwt", "uplink_bytes", "downlink_bytes",
-                "cumulative_uplink_bytes", "clients_failed")
+                "cumulative_uplink_bytes", "clients_failed", "near_copies", "epsilon")
 
 
 
@@ -99,7 +110,8 @@ def task_summary(rows: list[dict[str, Any]], label: str) -> dict[str, Any]:
             "forgetting": float(last["forgetting"]), "bwt": float(last["bwt"]),
             "uplink_bytes": sum(int(r["uplink_bytes"]) for r in rows),
             "downlink_bytes": sum(int(r["downlink_bytes"]) for r in rows),
-            "clients_failed": sum(int(r["clients_failed"]) for r in rows)}
+            "clients_failed": sum(int(r["clients_failed"]) for r in rows),
+            "near_copies": total(r.get("near_copies", "") for r in rows), "epsilon": last.get("epsilon", "")}
 
 
 def plot_tasks(runs: dict[str, list[list[dict[str, Any]]]], path: str | os.PathLike[str], title: str = "") -> Path:

@@ -19,8 +19,9 @@ from flwr.serverapp.strategy import Strategy
 from torch import nn
 
 from fedcl.data import ImageDataset, load_dataset
+from fedcl.distill import supports_guide
 from fedcl.flower.continual_server import run_continual
-from fedcl.flower.loop import initial_model, sampling, start_strategy, starting_point
+from fedcl.flower.loop import initial_model, sampling, start_strategy, starting_point, upload_audit
 from fedcl.flower.records import model_to_arrays, pixel_window
 from fedcl.flower.results import write_results
 from fedcl.flower.settings import FedSettings
@@ -39,10 +40,11 @@ def build_strategy(settings: FedSettings, dataset: ImageDataset) -> Strategy:
                   model_cfg=settings.model_cfg, max_images_per_client=settings.ipc * dataset.n_classes,
                   pixel_range=pixel_window(dataset.mean, dataset.std), memory=settings.memory,
                   screen=settings.screen, screen_threshold=settings.screen_threshold, device=settings.device,
-                  seed=settings.seed, **sampling(settings, dataset))
+                  seed=settings.seed, audit=upload_audit(settings, dataset), **sampling(settings, dataset))
     server_training = dict(lr=settings.server_lr, batch_size=settings.server_batch_size, dsa=True)
     if settings.behaviour.server == "fed-distill":
-        return FedDistill(train_config=TrainConfig(epochs=settings.server_epochs, **server_training), **common)
+        return FedDistill(train_config=TrainConfig(epochs=settings.server_epochs, **server_training),
+                          guide_with_global=supports_guide(settings.client_distiller), **common)
     return FedAvgDistill(finetune_config=TrainConfig(epochs=settings.finetune_epochs, decay_at=1.0, **server_training),
                          **common)
 

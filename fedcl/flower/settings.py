@@ -10,6 +10,7 @@ clients inside every instruction, so clients need no configuration of their own 
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -18,11 +19,12 @@ from typing import Any
 @dataclass(frozen=True)
 class Behaviour:
     """What a strategy name means: the server strategy that runs it ("fedavg", "fed-distill", "hybrid" or
-    "continual"), and in the continual scenario the distiller that fills the clients' memories ("dm", "random"
-    real images, None: no memory) and whether the server keeps a global memory of the uploaded sets."""
+    "continual"), in the continual scenario what fills the clients' memories ("distilled": the run's `distiller`,
+    "random": random real images, None: no memory), and whether the server keeps a global memory of the uploaded
+    sets."""
 
     server: str
-    memory_distiller: str | None = None
+    memory: str | None = None
     server_memory: bool = False
 
 
@@ -32,9 +34,9 @@ BEHAVIOURS: dict[tuple[str, str], Behaviour] = {
     ("standard", "fed-distill"): Behaviour("fed-distill"),
     ("standard", "hybrid"): Behaviour("hybrid"),
     ("continual", "fedavg"): Behaviour("continual"),
-    ("continual", "fedavg-replay"): Behaviour("continual", memory_distiller="random"),
-    ("continual", "fed-distill"): Behaviour("continual", memory_distiller="dm"),
-    ("continual", "fed-distill-server"): Behaviour("continual", memory_distiller="dm", server_memory=True),
+    ("continual", "fedavg-replay"): Behaviour("continual", memory="random"),
+    ("continual", "fed-distill"): Behaviour("continual", memory="distilled"),
+    ("continual", "fed-distill-server"): Behaviour("continual", memory="distilled", server_memory=True),
 }
 #: Strategies of the standard scenario (one fixed dataset) and of the continual one (a stream of tasks per client).
 STRATEGIES = tuple(name for scenario, name in BEHAVIOURS if scenario == "standard")
@@ -46,10 +48,12 @@ AGGREGATIONS = ("mean", "median", "trimmed", "krum")
 
 
 def _setting(default: Any, help: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None,
-             cli: bool = True) -> Any:
+             cli: bool = True, repeat: bool = False) -> Any:
     """A FedSettings field with its one help text; `flag` renames its command-line option (default: the
-    kebab-case field name), `choices` limits it, and `cli=False` keeps it off the command line."""
-    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "cli": cli})
+    kebab-case field name), `choices` limits it, `cli=False` keeps it off the command line, and `repeat` makes
+    the option repeatable (its values joined with commas)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "cli": cli,
+                                            "repeat": repeat})
 
 
 @dataclass(frozen=True)
@@ -81,8 +85,9 @@ class FedSettings:
                              "real-image replay, fed-distill = distilled replay, fed-distill-server = distilled "
                              "replay plus the server's global memory)",
                              choices=tuple(sorted({*STRATEGIES, *CONTINUAL_STRATEGIES})))
-    num_rounds: int = _setting(1, "federated rounds (1: one-shot FedDistill); continual: FedAvg rounds per task "
-                               "(memory strategies add one distillation round per task)", flag="--rounds")
+    num_rounds: int = _setting(1, "standard: federated rounds (1: one-shot FedDistill)", flag="--rounds")
+    rounds_per_task: int = _setting(2, "continual: FedAvg rounds per task (memory strategies add one distillation "
+                                    "round per task)")
     fraction_train: float = _setting(1.0, "fraction of clients sampled for training each round")
     fraction_evaluate: float = _setting(0.0, "fraction of clients that also evaluate the global model locally")
     min_nodes: int = _setting(2, "clients a round waits for (fedcl simulate: --clients)", cli=False)
@@ -91,10 +96,24 @@ class FedSettings:
                                 "robust median, trimmed mean, krum", choices=AGGREGATIONS)
     ipc: int = _setting(10, "synthetic images per class per client; continual: the memory budget (ipc images per "
                         "class per client) and the size per class of the server's replay slice")
+    distiller: str = _setting("dm", "what clients distil with (fed-distill, hybrid, continual fed-distill*): any "
+                              "registered distiller, see `fedcl distill --list` (herding and random keep real "
+                              "images)")
+    distiller_opt: str = _setting("", "further options of the distiller as KEY=VALUE (repeatable; e.g. factor=2, "
+                                  "storage=uint8, lr_img=0.5); run config: comma-separated", repeat=True)
+    init: str = _setting("noise", "where client distillation starts: noise (private) or real: random local images "
+                         "of each class, which uploads near-copies of the clients' images", choices=("noise", "real"))
     distill_iterations: int = _setting(100, "client distillation iterations")
     batch_real: int = _setting(64, "real images per class per distillation iteration")
     guide_noise: float = _setting(0.05, "relative perturbation of the global model's weights when clients distil "
-                                  "against it")
+                                  "against it (dm from round 2 of fed-distill)")
+    dp_epsilon: float = _setting(0.0, "differential privacy: each client's epsilon over all its distillations "
+                                 "(rounds and tasks), split evenly between them; 0: off (DM-family distillers)")
+    dp_delta: float = _setting(1e-5, "differential privacy: each client's delta over all its distillations")
+    dp_clip: float = _setting(0.0, "differential privacy: L2 clip norm of each real embedding (0: the "
+                              "distiller's default)")
+    audit: bool = _setting(True, "count near-copies of training images in every uploaded set (fedcl.audit; the "
+                           "server needs the training split, as in simulations)")
     upload_dtype: str = _setting("float32", "wire format of uploaded synthetic images (float16 halves the uplink)",
                                  choices=("float32", "float16"))
     min_class_images: int = _setting(1, "fed-distill, hybrid: distil only the classes a client holds at least "
@@ -102,10 +121,10 @@ class FedSettings:
     label_temperature: float = _setting(0.0, "continual memories: 0 keeps hard labels; T > 0 labels each new set "
                                         "with the mean of its one-hot labels and the global model's "
                                         "softmax(logits / T)")
-    local_epochs: int = _setting(1, "client training epochs per round (fedavg, hybrid, continual)")
-    local_lr: float = _setting(0.01, "local SGD learning rate")
-    local_batch_size: int = _setting(64, "local mini-batch size")
-    replay_batch_size: int = _setting(64, "continual: memory samples added to every local mini-batch")
+    local_epochs: int = _setting(5, "client training epochs per round (fedavg, hybrid, continual)")
+    local_lr: float = _setting(0.05, "local SGD learning rate")
+    local_batch_size: int = _setting(16, "local mini-batch size")
+    replay_batch_size: int = _setting(16, "continual: memory samples added to every local mini-batch")
     replay_dsa: bool = _setting(False, "continual: DSA-augment the memory samples of every local mini-batch")
     rehearsal_epochs: int = _setting(0, "continual memory strategies: at each task's end every client trains the "
                                      "global model this many epochs on its memory alone and the server averages "
@@ -152,11 +171,20 @@ class FedSettings:
             _check_screen(self.screen)
         if not self.screen_threshold > 0:
             raise ValueError(f"screen-threshold must be > 0 (honest sets score about 1), got {self.screen_threshold}")
+        if self.dp_epsilon < 0 or not 0 < self.dp_delta < 1 or self.dp_clip < 0:
+            raise ValueError("dp-epsilon and dp-clip must be >= 0 (0: off / default) and dp-delta in (0, 1)")
+        if self.dp_epsilon > 0 and not self.distils:
+            raise ValueError(f"dp-epsilon: strategy {self.strategy!r} distils nothing (differential privacy applies "
+                             "to the sets clients distil)")
+        if self.distils and (self.distiller != "dm" or self.distiller_opt or self.dp_epsilon > 0):  # else known good
+            _check_distiller(self.client_distiller, self.distiller_options(),
+                             private=self.dp_epsilon > 0, init=self.init)
         if self.resume and self.scenario == "continual":
             raise ValueError("resume works in the standard scenario only; a continual run restarts from task 1 "
                              "(its clients' memories persist on their own, see memory-dir)")
-        if min(self.num_rounds, self.ipc, self.min_nodes, self.tasks, self.replay_batch_size) < 1:
-            raise ValueError("num-rounds, ipc, min-nodes, tasks and replay-batch-size must be >= 1")
+        if min(self.num_rounds, self.rounds_per_task, self.ipc, self.min_nodes, self.tasks,
+               self.replay_batch_size) < 1:
+            raise ValueError("num-rounds, rounds-per-task, ipc, min-nodes, tasks and replay-batch-size must be >= 1")
 
     @property
     def model_cfg(self) -> dict[str, Any]:
@@ -174,16 +202,48 @@ class FedSettings:
 
     @property
     def memory_distiller(self) -> str | None:
-        """Continual scenario: the distiller that fills the clients' memories ("dm", "random" real images) or
-        None when the strategy keeps no memory."""
-        return self.behaviour.memory_distiller
+        """Continual scenario: the distiller that fills the clients' memories (the run's `distiller`, or "random"
+        real images) or None when the strategy keeps no memory."""
+        return {"distilled": self.distiller, "random": "random", None: None}[self.behaviour.memory]
+
+    @property
+    def distils(self) -> bool:
+        """Whether clients run a distiller (every strategy but fedavg and the naive or random-replay continual
+        ones)."""
+        return self.behaviour.server in ("fed-distill", "hybrid") or self.behaviour.memory == "distilled"
+
+    @property
+    def client_distiller(self) -> str:
+        """The distiller a client runs: `distiller` where the strategy distils, else the memory's ("random")."""
+        return self.distiller if self.distils else (self.memory_distiller or "random")
+
+    @property
+    def uploads(self) -> int:
+        """Distillations each client makes in a full run (one per round of fed-distill, one in hybrid's first
+        round, one per task in the continual scenario): the releases its privacy budget is split between."""
+        return {"fed-distill": self.num_rounds, "hybrid": 1}.get(self.behaviour.server, self.tasks)
+
+    def distiller_options(self) -> dict[str, Any]:
+        """`distiller_opt` as keyword options: KEY=VALUE pairs separated by commas, each VALUE read as JSON
+        (numbers, true/false, null) or else kept as a string."""
+        options: dict[str, Any] = {}
+        for pair in filter(None, (p.strip() for p in self.distiller_opt.split(","))):
+            key, sep, value = pair.partition("=")
+            if not sep or not key.strip().isidentifier():
+                raise ValueError(f"distiller-opt expects KEY=VALUE pairs, got {pair!r}")
+            try:
+                options[key.strip()] = json.loads(value)
+            except json.JSONDecodeError:
+                options[key.strip()] = value.strip()
+        return options
 
     @property
     def unread_keys(self) -> frozenset[str]:
-        """Continual scenario: kebab-case keys this strategy never reads (DM's options when the memory is not
-        distilled), so that a benchmark can reuse, say, a random-replay run across DM settings."""
-        dm_options = frozenset({"distill-iterations", "batch-real"})
-        return dm_options if self.scenario == "continual" and self.memory_distiller != "dm" else frozenset()
+        """Continual scenario: kebab-case keys this strategy never reads (the distiller's options when the
+        memory is not distilled), so that a benchmark can reuse, say, a random-replay run across DM settings."""
+        options = frozenset({"distill-iterations", "batch-real", "distiller", "distiller-opt", "init", "dp-epsilon",
+                             "dp-delta", "dp-clip"})
+        return options if self.scenario == "continual" and not self.distils else frozenset()
 
     @property
     def rehearses(self) -> bool:
@@ -219,6 +279,23 @@ def _check_screen(name: str) -> None:
         raise ValueError(f"screen must be one of {list(SCREENS)}, got {name!r}")
 
 
+def _check_distiller(name: str, options: Mapping[str, Any], *, private: bool, init: str) -> None:
+    """Raise ValueError unless `name` is a registered distiller taking `options` (and, for a private run,
+    differential privacy); imported here, like the screens, to keep torch out of the CLI's start-up."""
+    from fedcl.distill import accepted_options, available_distillers
+
+    if name not in available_distillers():
+        raise ValueError(f"unknown distiller {name!r}; choose one of {available_distillers()}")
+    accepted = accepted_options(name)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(f"distiller-opt: {name} does not take {unknown}; it takes {sorted(accepted)}")
+    if private and "dp_epsilon" not in accepted:
+        raise ValueError(f"dp-epsilon: differential privacy is implemented for the DM family, not {name!r}")
+    if private and init == "real":
+        raise ValueError("dp-epsilon needs init noise: a start from real images would upload private images")
+
+
 def _coerce(value: Any, kind: type, key: str) -> Any:
     try:
         if kind is bool:
@@ -246,7 +323,10 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: Mapping[str, Any] |
     for f in _cli_fields():
         default = defaults.get(f.name, getattr(_DEFAULTS, f.name))
         text = f"{f.metadata['help']} (default {default!r})"
-        if isinstance(default, bool):
+        if f.metadata.get("repeat"):
+            parser.add_argument(_flag(f), dest=f.name, action="append", default=None, metavar="KEY=VALUE",
+                                help=text)
+        elif isinstance(default, bool):
             action = argparse.BooleanOptionalAction if default else "store_true"
             parser.add_argument(_flag(f), dest=f.name, action=action, default=default, help=text)
         else:
@@ -256,7 +336,12 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: Mapping[str, Any] |
 
 def from_args(args: argparse.Namespace, **overrides: Any) -> FedSettings:
     """The FedSettings of a command line built by `add_arguments` (`overrides` win; ValueError on a bad value)."""
-    return FedSettings(**{**{f.name: getattr(args, f.name) for f in _cli_fields()}, **overrides})
+    values = {f.name: getattr(args, f.name) for f in _cli_fields()}
+    for f in _cli_fields():
+        if f.metadata.get("repeat"):
+            given = values[f.name]
+            values[f.name] = getattr(_DEFAULTS, f.name) if given is None else ",".join(given)
+    return FedSettings(**{**values, **overrides})
 
 
 def settings_table() -> str:
