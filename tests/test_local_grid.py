@@ -1,4 +1,5 @@
-"""LocalGrid honours the round timeout, and MeteredGrid counts the nodes it cut off as failures."""
+"""The in-process engine: LocalGrid honours the round timeout (MeteredGrid counts the nodes it cut off as failures),
+and a round samples `fraction_train` of the clients."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from fedcl.flower import local_grid
 from fedcl.flower.local_grid import LocalGrid
 from fedcl.flower.protocol import CONFIG, SERVER_ROUND
+from fedcl.flower.settings import FedSettings
+from fedcl.flower.simulation import simulate
 from strategies import MeteredGrid, TrafficLog
 
 
@@ -59,3 +62,12 @@ def test_metered_grid_counts_the_cut_off_nodes_as_round_timeout_failures(slow):
     assert (round_7.messages_sent, round_7.replies) == (3, 1)
     assert round_7.failures == [(1001, "no reply within the round timeout (0.5 s)"),
                                 (1002, "no reply within the round timeout (0.5 s)")]
+
+
+def test_each_round_samples_fraction_train_of_the_clients(tmp_path):
+    """As `fedcl simulate` does, the round waits for all 10 clients (min_nodes) and samples 3 of them."""
+    settings = FedSettings(dataset="digits", strategy="fedavg", num_rounds=2, fraction_train=0.3, min_nodes=10,
+                           width=8, local_epochs=1, device="cpu", out_dir=str(tmp_path))
+    rows = simulate(settings, 10, engine="local")
+    sampled = [(int(r["round"]), int(r["replies_ok"]), int(r["clients_failed"])) for r in rows[1:]]
+    assert sampled == [(1, 3, 0), (2, 3, 0)]
