@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -11,11 +12,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+#: errno values by which a file system says a folder cannot be fsynced (not a failed write).
+_UNSYNCABLE = {errno.EINVAL, errno.ENOTSUP, errno.EBADF}
+
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> Path:
-    """Write a file through `write(fileobj)` into a temporary sibling, fsync, then rename over `path`.
+    """Write a file through `write(fileobj)` into a temporary sibling, fsync, rename over `path`, fsync the folder.
 
-    Readers see either the old file or the complete new one, never a partial write.
+    Readers see either the old file or the complete new one, never a partial write; once this returns, the rename
+    itself is on disk too, so a power loss cannot bring the old file back.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -29,7 +34,27 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_directory(path.parent)
     return path
+
+
+def fsync_directory(directory: str | os.PathLike[str]) -> None:
+    """Flush a folder's entries (a rename into it) to disk: POSIX makes a rename durable only with the folder synced.
+
+    Platforms whose folders cannot be opened (Windows) and file systems that cannot sync a folder (EINVAL) are
+    skipped, since there the rename is all one can do; a real I/O error is raised.
+    """
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in _UNSYNCABLE:
+            raise
+    finally:
+        os.close(fd)
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> Path:

@@ -19,9 +19,11 @@ safetensors plus JSON, never pickle, and `validate()` checks every tensor before
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -379,9 +381,12 @@ class SyntheticSet:
         return cls.from_tensors(tensors, meta_json, **limits)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write `path` (.safetensors) and a sidecar `.json` with the metadata, each atomically.
+        """Write `path` (.safetensors, metadata in its header) atomically, then a readable sidecar `.json`.
 
-        A crash mid-write leaves any earlier file at `path` intact.
+        The .safetensors file alone is the commit point: it holds everything `load` reads, so a crash at any moment
+        leaves either the earlier set or the new one, whole.  The sidecar, written after it, is for people and
+        tools; it records the SHA-256 of the file it describes, so a sidecar left behind by a crash between the
+        two writes is recognisable as stale (`load` warns and ignores it).
         """
         path = Path(path)
         if path.suffix != ".safetensors":
@@ -391,13 +396,18 @@ class SyntheticSet:
         sidecar = {"meta": json.loads(self.meta.to_json()), "n_images": len(self),
                    "n_training_images": len(self) * self.meta.factor ** 2,
                    "image_shape": list(self.image_shape), "soft_labels": self.soft_labels,
-                   "has_lrs": self.lrs is not None, "nbytes": self.nbytes}
+                   "has_lrs": self.lrs is not None, "nbytes": self.nbytes,
+                   "sha256": hashlib.sha256(payload).hexdigest()}
         atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(sidecar, indent=2).encode()))
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], **limits: Any) -> SyntheticSet:
-        """Read a set written by `save`; raise SyntheticSetError (naming the path) if missing, corrupt or invalid."""
+        """Read a set written by `save`; raise SyntheticSetError (naming the path) if missing, corrupt or invalid.
+
+        Only the .safetensors file is trusted (its header holds the metadata); a sidecar .json that does not
+        describe this file is reported with a warning and otherwise ignored.
+        """
         path = Path(path)
         if not path.is_file():
             raise SyntheticSetError(f"no synthetic set at {path}: the file does not exist")
@@ -405,10 +415,13 @@ class SyntheticSet:
         max_bytes = limits.get("max_bytes", MAX_BYTES)
         if size > max_bytes + 2**20:
             raise SyntheticSetError(f"{path} is oversize: {size} bytes > limit {max_bytes}")
+        data = path.read_bytes()
         try:
-            return cls.from_bytes(path.read_bytes(), **limits)
+            synset = cls.from_bytes(data, **limits)
         except SyntheticSetError as err:
             raise SyntheticSetError(f"{path}: {err}") from None
+        _warn_if_stale_sidecar(path, data)
+        return synset
 
     # ------------------------------------------------------------------ pictures
     def pixels(self) -> torch.Tensor:
@@ -478,6 +491,23 @@ def pack_tiles(images: torch.Tensor, factor: int) -> torch.Tensor:
     for k, ((r0, r1), (c0, c1)) in enumerate(positions):
         stored[:, :, r0:r1, c0:c1] = F.interpolate(groups[:, k], size=(r1 - r0, c1 - c0), mode="area")
     return stored
+
+
+def _warn_if_stale_sidecar(path: Path, data: bytes) -> None:
+    """Warn when `path`'s sidecar .json is unreadable or records another file's SHA-256 (a crash between the two
+    writes of `save`); a sidecar without a digest (older fedcl) is not checked."""
+    sidecar = path.with_suffix(".json")
+    if not sidecar.is_file():
+        return
+    ignored = f"ignored, the set was read from {path.name} alone"
+    try:
+        recorded = json.loads(sidecar.read_text()).get("sha256")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        warnings.warn(f"{sidecar} is unreadable; {ignored}", stacklevel=3)
+        return
+    if recorded is not None and recorded != hashlib.sha256(data).hexdigest():
+        warnings.warn(f"{sidecar} is stale: it describes another write of {path.name} (sha256 {recorded}); "
+                      f"{ignored}", stacklevel=3)
 
 
 def _shape(value: Any) -> str:

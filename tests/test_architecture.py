@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 CORE_MODULES = ["synthetic", "data", "models", "augment", "distill", "train", "memory", "privacy", "audit", "screen",
-                "continual_metrics", "runtime", "files"]
+                "continual_metrics", "runtime", "files", "verdict"]
 BLOCKED = ("flwr", "ray", "avalanche")
 #: What strategies/ may import from fedcl.flower: the message layer shared by clients and strategies.
 STRATEGIES_MAY_USE = {"fedcl.flower.protocol", "fedcl.flower.records"}

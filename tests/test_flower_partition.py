@@ -72,3 +72,15 @@ def test_histogram_table_and_png(labels, tmp_path):
     assert table.splitlines()[1].split()[-1] == str(parts[0].numel())
     png = plot_histogram(hist, tmp_path / "h.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_histogram_png_of_thousands_of_clients_draws_the_first_ones(tmp_path):
+    from PIL import Image
+
+    from fedcl.data.partition import MAX_PLOTTED_CLIENTS
+
+    hist = torch.randint(0, 3, (10_000, 10))
+    with Image.open(plot_histogram(hist, tmp_path / "h.png")) as png:
+        width = png.size[0]
+    with Image.open(plot_histogram(hist[:MAX_PLOTTED_CLIENTS], tmp_path / "first.png")) as png:
+        assert width == png.size[0]  # the same figure as the first clients' alone

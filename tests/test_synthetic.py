@@ -1,12 +1,16 @@
 """SyntheticSet: validation, safe (de)serialisation, atomic writes, the grid picture."""
 
+import hashlib
 import json
 import struct
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from fedcl import synthetic
 from fedcl.files import atomic_write
 from fedcl.synthetic import SyntheticMeta, SyntheticSet, SyntheticSetError
 
@@ -134,6 +138,62 @@ def test_save_is_atomic_and_keeps_old_file_on_failure(tmp_path):
     assert path.read_bytes() == before
     with pytest.raises(SyntheticSetError, match=".safetensors"):
         make_set().save(tmp_path / "s.pt")
+
+
+def crash_on_sidecar(monkeypatch):
+    """Make `save` die between its two writes: the .safetensors write goes through, the sidecar write raises."""
+    real = synthetic.atomic_write
+
+    def write(path, payload):
+        if Path(path).suffix == ".json":
+            raise OSError("power lost before the sidecar was written")
+        return real(path, payload)
+
+    monkeypatch.setattr(synthetic, "atomic_write", write)
+
+
+def test_sidecar_records_the_digest_of_the_file_it_describes(tmp_path):
+    path = make_set().save(tmp_path / "s.safetensors")
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    assert sidecar["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SyntheticSet.load(path)
+
+
+def test_crash_between_the_two_writes_of_a_first_save_leaves_a_whole_set(tmp_path, monkeypatch):
+    synset = make_set(soft=True)
+    crash_on_sidecar(monkeypatch)
+    with pytest.raises(OSError, match="power lost"):
+        synset.save(tmp_path / "s.safetensors")
+    loaded = SyntheticSet.load(tmp_path / "s.safetensors")
+    assert torch.equal(loaded.images, synset.images) and loaded.meta == synset.meta
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_crash_between_the_two_writes_of_a_resave_loads_the_new_set_and_names_the_stale_sidecar(tmp_path, monkeypatch):
+    path = make_set().save(tmp_path / "s.safetensors")
+    new = make_set(n_classes=4, ipc=1)
+    crash_on_sidecar(monkeypatch)
+    with pytest.raises(OSError, match="power lost"):
+        new.save(path)
+    with pytest.warns(UserWarning, match=r"s\.json is stale.*read from s\.safetensors alone"):
+        loaded = SyntheticSet.load(path)
+    assert loaded.meta == new.meta and torch.equal(loaded.images, new.images)
+    assert json.loads(path.with_suffix(".json").read_text())["meta"]["n_classes"] == 3
+
+
+def test_unreadable_sidecar_is_named_and_ignored_and_an_old_sidecar_without_digest_is_not_checked(tmp_path):
+    synset = make_set()
+    path = synset.save(tmp_path / "s.safetensors")
+    sidecar = path.with_suffix(".json")
+    sidecar.write_text("{truncated")
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert SyntheticSet.load(path).meta == synset.meta
+    sidecar.write_text(json.dumps({"meta": json.loads(synset.meta.to_json()), "n_images": len(synset)}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert SyntheticSet.load(path).meta == synset.meta
 
 
 def test_grid_png(tmp_path):

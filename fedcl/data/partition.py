@@ -17,6 +17,8 @@ from fedcl.files import save_figure
 from fedcl.runtime import generator as make_generator
 
 PARTITIONERS = ("iid", "dirichlet", "classes")
+#: `plot_histogram` draws at most this many clients' bars.
+MAX_PLOTTED_CLIENTS = 200
 
 
 def partition_iid(labels: torch.Tensor, n_clients: int, *, seed: int = 0) -> list[torch.Tensor]:
@@ -109,23 +111,27 @@ def format_histogram(histogram: torch.Tensor) -> str:
 
 
 def plot_histogram(histogram: torch.Tensor, path: str | os.PathLike[str], title: str = "") -> Path:
-    """Write a stacked bar chart (one bar per client, one colour per class) as a PNG."""
+    """Write a stacked bar chart (one bar per client, one colour per class) as a PNG.
+
+    Of more than `MAX_PLOTTED_CLIENTS` clients only the first are drawn (the title says so): a bar per client of
+    thousands would make a figure wider than matplotlib can render."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * histogram.shape[0] + 2), 3.5))
-    bottom = torch.zeros(histogram.shape[0])
-    cmap = plt.get_cmap("tab20" if histogram.shape[1] > 10 else "tab10")
-    for c in range(histogram.shape[1]):
-        ax.bar(range(histogram.shape[0]), histogram[:, c].float(), bottom=bottom, color=cmap(c % cmap.N),
-               label=str(c))
-        bottom += histogram[:, c].float()
+    shown = histogram[:MAX_PLOTTED_CLIENTS]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * shown.shape[0] + 2), 3.5))
+    bottom = torch.zeros(shown.shape[0])
+    cmap = plt.get_cmap("tab20" if shown.shape[1] > 10 else "tab10")
+    for c in range(shown.shape[1]):
+        ax.bar(range(shown.shape[0]), shown[:, c].float(), bottom=bottom, color=cmap(c % cmap.N), label=str(c))
+        bottom += shown[:, c].float()
     ax.set_xlabel("client")
     ax.set_ylabel("samples")
-    ax.set_title(title or "samples per class and client")
-    if histogram.shape[1] <= 20:
+    cut = f" (first {len(shown)} of {len(histogram)} clients)" if len(shown) < len(histogram) else ""
+    ax.set_title((title or "samples per class and client") + cut)
+    if shown.shape[1] <= 20:
         ax.legend(title="class", fontsize="small", ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.tight_layout()
     return save_figure(fig, path)

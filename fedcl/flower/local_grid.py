@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
+from time import monotonic
 
 from flwr.app import Context, Message, RecordDict
 from flwr.app.error import Error
@@ -59,8 +60,21 @@ class LocalGrid(Grid):
         raise NotImplementedError("LocalGrid answers messages synchronously: use send_and_receive")
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Deliver every message to its node's ClientApp in turn and return the replies."""
-        return [self._deliver(message) for message in messages]
+        """Deliver the messages to their nodes' ClientApps in turn and return the replies that came within `timeout`
+        seconds of the call (all of them when `timeout` is None).
+
+        As on a deployed Grid, the timeout bounds the whole exchange: once the deadline has passed, later messages
+        are not delivered, and a reply finished after it is dropped - the caller sees those nodes not answering.
+        """
+        deadline = None if timeout is None else monotonic() + timeout
+        replies = []
+        for message in messages:
+            if deadline is not None and monotonic() >= deadline:
+                break
+            reply = self._deliver(message)
+            if deadline is None or monotonic() <= deadline:
+                replies.append(reply)
+        return replies
 
     def _deliver(self, message: Message) -> Message:
         message.metadata.__dict__["_message_id"] = f"local-{next(self._ids)}"

@@ -35,9 +35,10 @@ from strategies import Metered, TrafficLog
 
 def sampling(settings: FedSettings, dataset: ImageDataset) -> dict[str, Any]:
     """FedAvg's sampling options and `Metered`'s weight bound, as the settings and the dataset give them (no
-    client holds more examples than the training split)."""
+    client holds more examples than the training split): once min_nodes are connected, each round samples the
+    fractions of them (at least one node), so fraction_train < 1 samples clients."""
     return dict(fraction_train=settings.fraction_train, fraction_evaluate=settings.fraction_evaluate,
-                min_train_nodes=settings.min_nodes, min_evaluate_nodes=settings.min_nodes,
+                min_train_nodes=1, min_evaluate_nodes=1,
                 min_available_nodes=settings.min_nodes, max_examples=len(dataset.train_labels))
 
 
