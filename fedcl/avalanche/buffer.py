@@ -40,8 +40,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from avalanche.benchmarks.utils import AvalancheDataset, concat_datasets
-from avalanche.benchmarks.utils.classification_dataset import _make_taskaware_classification_dataset
+from avalanche.benchmarks.utils import (
+    AvalancheDataset,
+    DataAttribute,
+    TaskAwareSupervisedClassificationDataset,
+    TaskLabels,
+    concat_datasets,
+)
 from avalanche.training.storage_policy import ExemplarsBuffer
 from torch.utils.data import DataLoader
 
@@ -195,7 +200,7 @@ class _MemoryTensors(torch.utils.data.TensorDataset):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, label_as_tensor: bool) -> None:
         super().__init__(images, labels)
-        self.targets, self.label_as_tensor = labels.tolist(), label_as_tensor
+        self.label_as_tensor = label_as_tensor
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
         label = self.tensors[1][index]
@@ -204,9 +209,12 @@ class _MemoryTensors(torch.utils.data.TensorDataset):
 
 def memory_dataset(images: torch.Tensor, labels: torch.Tensor, task_labels: torch.Tensor, *,
                    label_as_tensor: bool = False) -> AvalancheDataset:
-    """An Avalanche classification dataset of (image, label, task label) samples with `targets` and task labels."""
-    return _make_taskaware_classification_dataset(_MemoryTensors(images, labels, label_as_tensor),
-                                                  task_labels=task_labels.tolist(), targets=labels.tolist())
+    """An Avalanche classification dataset of (image, label, task label) samples with `targets` and
+    `targets_task_labels`, the kind Avalanche's benchmarks and buffers hold, built with its public API: the task
+    label is a `TaskLabels` attribute, which Avalanche appends to every sample."""
+    attributes = [DataAttribute(labels.tolist(), "targets"), TaskLabels(task_labels.tolist())]
+    return TaskAwareSupervisedClassificationDataset([_MemoryTensors(images, labels, label_as_tensor)],
+                                                    data_attributes=attributes)
 
 
 def experience_tensors(exp: Any, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
