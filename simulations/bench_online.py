@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             for method in args.methods:
                 row, reused = run_or_reuse(method, mem_size, seed, dataset, args, device)
                 rows.append(row)
-                print(row, "(from an earlier invocation)" if reused else "", flush=True)
+                print(f"{row}{' (from an earlier invocation)' if reused else ''}", flush=True)
                 if args.out:
                     write_csv(rows, f"{args.out}/results.csv")
     print(table(rows))

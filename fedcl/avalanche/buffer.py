@@ -13,9 +13,9 @@ Budget.  With `max_size` images in all, ipc = max_size // (classes held) and the
 to the new ipc - re-distilled from their own synthetic images (default), herded or truncated within them.  When
 the classes seen outnumber `max_size`, the memory keeps one image for each of the `max_size` most recently seen
 classes and drops the older ones: the memory never exceeds the budget and training never stops because of it
-(docs/avalanche-memory.md).  With `images_per_class` the memory grows by that many images per new class instead;
-with `mem_bytes` the budget is bytes of the stored sets, and the images it holds are what the distiller's stored
-form (`storage`: float32, float16, uint8) allows (see `fedcl.memory.DistilledMemory`).
+(`fedcl.memory.DistilledMemory.fit_budget`).  With `images_per_class` the memory grows by that many images per new
+class instead; with `mem_bytes` the budget is bytes of the stored sets, and the images it holds are what the
+distiller's stored form (`storage`: float32, float16, uint8) allows (see `fedcl.memory.DistilledMemory`).
 
 Samples.  The experience's samples must be sequences (image, label[, task label, ...]) whose image is one (C, H, W)
 tensor - the layout of Avalanche's classification datasets.  Dictionary samples and multi-input samples (a tuple
