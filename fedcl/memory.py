@@ -7,14 +7,18 @@ One SyntheticSet per key.  Two ways to fill it:
   distilled from its samples, a class already held is updated, warm-started from its own images, in a few
   iterations (see `absorb`), so the cost of an experience does not grow with the length of the stream.
 
-Two budgets:
+Three budgets:
 - `max_size` (total images): ipc = max_size // (classes held, counted once per key), so ipc shrinks as classes
   arrive and the sets already held are compressed to the new ipc - re-distilled from their own synthetic images
   (default), herded or truncated within them.  While the budget holds one image per class every class seen stays
   represented.  Past that (more classes than `max_size`) the memory keeps one image for each of the `max_size`
   most recently updated classes and drops the others (`fit_budget`; ties go by key, then class id, smaller
   first), so the memory never exceeds its budget and never stops a run;
-- `images_per_class`: a fixed ipc; the memory grows by that many images per new class.
+- `images_per_class`: a fixed ipc; the memory grows by that many images per new class;
+- `mem_bytes` (total bytes of the stored sets, `SyntheticSet.nbytes`): as `max_size`, with the number of images
+  the bytes allow in the distiller's stored form (`storage`), so a uint8 memory holds about four times the images
+  of a float32 one in the same bytes (`stored_cost`).  `fit_budget` drops classes while the held sets' bytes exceed
+  the budget, so soft-labelled sets, whose label rows cost more than the int64 class ids counted, stay within it too.
 
 A held set may carry soft labels (a distribution per image, e.g. a model's predictions recorded by `relabel`);
 `labelled` hands them to replay, and compression keeps each kept image's own label (`carry_soft_labels`).
@@ -38,7 +42,7 @@ import torch
 
 from fedcl.distill.base import Distiller, Source, create_distiller
 from fedcl.files import atomic_write
-from fedcl.synthetic import MAX_CLASSES, SyntheticSet, SyntheticSetError
+from fedcl.synthetic import MAX_CLASSES, SyntheticMeta, SyntheticSet, SyntheticSetError
 from fedcl.train import common_labels
 
 COMPRESSIONS = ("redistill", "herding", "truncate")
@@ -51,7 +55,8 @@ BOOKKEEPING = ("task_label", "step", "absorbed")
 
 
 class DistilledMemory:
-    """Distilled sets by key under a budget of `max_size` images in all or `images_per_class` images per class.
+    """Distilled sets by key under a budget of `max_size` images in all, `images_per_class` images per class or
+    `mem_bytes` bytes of stored sets in all.
 
     compress: how held sets shrink when new classes arrive under `max_size`: "redistill" (the distiller passed to
         `add`/`resize`, from the stored synthetic images), "herding" (herding within them, pixel features) or
@@ -60,15 +65,18 @@ class DistilledMemory:
     """
 
     def __init__(self, max_size: int | None = None, *, images_per_class: int | None = None,
-                 compress: str = "redistill", seed: int = 0) -> None:
-        if (max_size is None) == (images_per_class is None):
-            raise ValueError("give exactly one memory budget: max_size (total images) or images_per_class")
-        if (max_size is not None and max_size < 1) or (images_per_class is not None and images_per_class < 1):
-            raise ValueError(f"memory budget must be >= 1, got max_size={max_size}, "
-                             f"images_per_class={images_per_class}")
+                 mem_bytes: int | None = None, compress: str = "redistill", seed: int = 0) -> None:
+        budgets = {"max_size": max_size, "images_per_class": images_per_class, "mem_bytes": mem_bytes}
+        if sum(v is not None for v in budgets.values()) != 1:
+            raise ValueError("give exactly one memory budget: max_size (total images), images_per_class or "
+                             f"mem_bytes (total bytes); got {budgets}")
+        if any(v is not None and v < 1 for v in budgets.values()):
+            raise ValueError(f"memory budget must be >= 1, got {budgets}")
         if compress not in COMPRESSIONS:
             raise ValueError(f"compress must be one of {COMPRESSIONS}, got {compress!r}")
-        self.max_size, self.images_per_class = max_size, images_per_class
+        self.max_size, self.images_per_class, self.mem_bytes = max_size, images_per_class, mem_bytes
+        #: (bytes per stored image, bytes per set) of the stored form under `mem_bytes`, from `stored_cost`.
+        self.cost: tuple[int, int] | None = None
         self.compress, self.seed = compress, int(seed)
         self.sets: dict[int, SyntheticSet] = {}
         #: One record per `add` / `absorb`: the key or step, the ipc, the memory size after it, seconds distilling
@@ -89,18 +97,38 @@ class DistilledMemory:
     def seen_classes(self) -> list[int]:
         return sorted({c for s in self.sets.values() for c in s.classes()})
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the held sets in their stored form."""
+        return sum(s.nbytes for s in self.sets.values())
+
     def ipc_for(self, n_groups: int) -> int:
-        """Images per class for `n_groups` classes under the budget: max_size // n_groups, at least 1.  With more
-        classes than `max_size`, `fit_budget` then drops the least recently updated ones."""
+        """Images per class for `n_groups` classes under the budget: the images it allows // n_groups, at least 1.
+        With more classes than the budget holds, `fit_budget` then drops the least recently updated ones."""
         if self.images_per_class is not None:
             return self.images_per_class
-        return max(1, self.max_size // max(1, n_groups))
+        return max(1, self.total_images(n_groups) // max(1, n_groups))
+
+    def total_images(self, n_groups: int) -> int:
+        """The most images a total budget allows for `n_groups` classes (one set each): `max_size`, or what
+        `mem_bytes` pays for in the stored form measured by `measure`."""
+        if self.mem_bytes is None:
+            return int(self.max_size)
+        if self.cost is None:
+            raise ValueError("a mem_bytes budget counts images once their stored form is known: call measure first")
+        per_image, per_set = self.cost
+        return max(0, self.mem_bytes - max(1, n_groups) * per_set) // per_image
 
     def capacity(self) -> int:
         """The most images the budget allows for the classes held now."""
-        if self.max_size is not None:
-            return self.max_size
-        return self.images_per_class * self.n_groups
+        if self.images_per_class is not None:
+            return self.images_per_class * self.n_groups
+        return self.total_images(self.n_groups)
+
+    def measure(self, images: torch.Tensor, distiller: Distiller) -> None:
+        """Under `mem_bytes`, record the cost of `distiller`'s stored form for images like `images` (once)."""
+        if self.mem_bytes is not None and self.cost is None:
+            self.cost = stored_cost(images, str(getattr(distiller, "storage", "float32")))
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(images, hard labels, task labels) of every held set, in key order (empty tensors when nothing is held)."""
@@ -133,6 +161,7 @@ class DistilledMemory:
         """Distil (images, labels) into the set held under `key` (replacing any earlier one), first compressing
         the other sets to make room; return the new set."""
         new_groups = len(torch.unique(labels))
+        self.measure(images, distiller)
         previous = self.sets.pop(int(key), None)
         ipc = self.ipc_for(self.n_groups + new_groups)
         start = time.perf_counter()
@@ -169,6 +198,7 @@ class DistilledMemory:
         tasks = torch.as_tensor(tasks, dtype=torch.long).expand(labels.shape)
         pairs = sorted(set(zip(tasks.tolist(), labels.tolist())))
         new = sum(class_key(t, c) not in self.sets for t, c in pairs)
+        self.measure(images, distiller)
         ipc = self.ipc_for(self.n_groups + new)
         start = time.perf_counter()
         self.shrink_to(ipc, distiller)
@@ -194,8 +224,9 @@ class DistilledMemory:
                 distiller: Distiller, iterations: int | None, options: dict[str, Any]) -> None:
         """Re-distil the held sets of `classes` (of `task`) from their new samples and their own images."""
         held = {c: self.sets[class_key(task, c)] for c in classes}
-        start = [topped_up(held[c].images, images[labels == c], options["ipc"]) for c in classes]
-        stand_in = [held[c].images.repeat(-(-min(absorbed(held[c]), HISTORY) // len(held[c])), 1, 1, 1)
+        stored = {c: held[c].float_images() for c in classes}  # uint8 codes dequantised
+        start = [topped_up(stored[c], images[labels == c], options["ipc"]) for c in classes]
+        stand_in = [stored[c].repeat(-(-min(absorbed(held[c]), HISTORY) // len(held[c])), 1, 1, 1)
                     for c in classes]
         pool_x = torch.cat([images, *stand_in])
         pool_y = torch.cat([labels, *(torch.full((len(s),), c, dtype=torch.long) for s, c in zip(stand_in, classes))])
@@ -215,13 +246,14 @@ class DistilledMemory:
                                                     absorbed=count)
 
     def fit_budget(self) -> list[tuple[int, int]]:
-        """Under `max_size`, drop whole classes - least recently updated first, ties by key then class id - until
-        the memory holds at most max_size images; return the (key, class) pairs dropped."""
-        if self.max_size is None:
+        """Under `max_size` or `mem_bytes`, drop whole classes - least recently updated first, ties by key then
+        class id - until the memory holds at most max_size images or mem_bytes bytes; return the (key, class) pairs
+        dropped."""
+        if self.images_per_class is not None:
             return []
         order = sorted((recency(s), key, c) for key, s in self.sets.items() for c in s.classes())
         dropped = []
-        while len(self) > self.max_size:
+        while (len(self) > self.max_size) if self.mem_bytes is None else (self.nbytes > self.mem_bytes):
             _, key, c = order.pop(0)
             rest = [k for k in self.sets[key].classes() if k != c]
             if rest:
@@ -244,10 +276,11 @@ class DistilledMemory:
         return relabelled
 
     def resize(self, new_size: int, distiller: Distiller | None = None) -> None:
-        """Change to a total budget of `new_size` images; held sets are compressed (never dropped) to fit."""
+        """Change to a total budget of `new_size` images (whatever the budget was); held sets are compressed to fit,
+        and below one image per class the least recently updated classes are dropped."""
         if new_size < 1:
             raise ValueError(f"memory budget must be >= 1, got {new_size}")
-        self.max_size, self.images_per_class = new_size, None
+        self.max_size, self.images_per_class, self.mem_bytes = new_size, None, None
         if self.sets:
             self.shrink_to(self.ipc_for(self.n_groups), distiller)
             self.fit_budget()
@@ -267,7 +300,7 @@ class DistilledMemory:
         if self.compress == "truncate":
             return truncate(synset, ipc)
         if self.compress == "herding":
-            distiller = create_distiller("herding", features="pixels", seed=self.seed)
+            distiller = create_distiller("herding", features="pixels", seed=self.seed, storage=synset.meta.storage)
         if distiller is None:
             raise ValueError("compress='redistill' needs the distiller to shrink the held sets")
         source = Source(synset.meta.dataset, synset.meta.mean, synset.meta.std)
@@ -280,7 +313,8 @@ class DistilledMemory:
         """The memory as named blobs: INDEX_FILE (JSON: budget, files by key, `extra`) and one safetensors blob per
         set.  `restore` reads them back; `save` writes them as files."""
         files = {str(key): f"set-{key:03d}.safetensors" for key in sorted(self.sets)}
-        index = {"max_size": self.max_size, "images_per_class": self.images_per_class, "files": files, **extra}
+        index = {"max_size": self.max_size, "images_per_class": self.images_per_class, "mem_bytes": self.mem_bytes,
+                 "files": files, **extra}
         blobs = {name: self.sets[int(key)].to_bytes() for key, name in files.items()}
         return {INDEX_FILE: json.dumps(index).encode(), **blobs}
 
@@ -330,6 +364,19 @@ class DistilledMemory:
             return self.restore(blobs)
         except SyntheticSetError as err:
             raise SyntheticSetError(f"{directory}: {err}") from None
+
+
+def stored_cost(images: torch.Tensor, storage: str) -> tuple[int, int]:
+    """(bytes per image, bytes per set) of a hard-labelled one-class set of images shaped like `images` stored as
+    `storage`: the difference between the `nbytes` of a two- and a one-image set, and what is left (a uint8 set's
+    per-channel scale and offset).  A uint8 image costs one byte per pixel plus its int64 label."""
+    def nbytes(n: int) -> int:
+        probe = SyntheticSet(images[:1].float().repeat(n, 1, 1, 1), torch.zeros(n, dtype=torch.long),
+                             SyntheticMeta(method="probe", n_classes=1, ipc=n))
+        return probe.quantised(storage).nbytes
+
+    per_image = nbytes(2) - nbytes(1)
+    return per_image, nbytes(1) - per_image
 
 
 def truncate(synset: SyntheticSet, ipc: int) -> SyntheticSet:

@@ -3,14 +3,18 @@
 Split Fashion-MNIST (5 experiences x 2 classes, seeded class order), cut by Avalanche's `split_online_stream` into
 experiences of `--experience-size` samples (default 100), each trained on once (one pass, mini-batches of
 `--batch-size` current + `--batch-size-mem` memory samples).  For every memory size (default 10 and 100 images -
-the same bytes for every method: real and synthetic images are both float32 images of the same shape) and seed:
+the same bytes for every method: real and synthetic images are both float32 images of the same shape, each with an
+int64 label) and seed:
 - replay:     Avalanche's ReplayPlugin with a class-balanced buffer (random samples per class);
 - reservoir:  Avalanche's ReplayPlugin with a reservoir-sampling buffer (the usual online baseline);
 - distilled:  fedcl's DistilledReplayPlugin (DM): a class is distilled with `--dm-iterations` the first time it
               is seen, then updated in `--update-iterations` warm-started iterations whenever it reappears.
 Reports the final test accuracy over all 10 classes and the wall time per experience (training plus the memory
 update), as its mean and the means over the first and last tenth of the stream (equal when the cost per experience
-does not grow with the stream).  Prints one table row per seed; `--out DIR` also writes DIR/results.csv.
+does not grow with the stream), and the bytes each memory holds at the end.  Prints one table row per seed and
+memory size.  `--out DIR` writes DIR/results.csv as runs finish and keeps every finished run as
+DIR/runs/seed<S>-<method>-mem<M>.json, which a later invocation with the same settings reads back instead of
+running it again: an interrupted run resumes at the first unfinished (seed, memory, method).
 
 Full run (hours on 2 CPU cores; minutes on a GPU):
   python simulations/bench_online.py --out runs/bench_online
@@ -21,8 +25,10 @@ Quick check (small subsets of the data, a few DM iterations):
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +36,7 @@ import torch
 from fedcl.data import load_dataset
 from fedcl.data.datasets import ImageDataset
 from fedcl.distill.base import Source
-from fedcl.files import write_csv
+from fedcl.files import write_csv, write_json
 from fedcl.models import create_model
 from fedcl.runtime import generator, resolve_device, seeded
 
@@ -57,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=32, help="ConvNet width of the learner and of DM")
     p.add_argument("--device", default="auto")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--out", default=None, help="write OUT/results.csv")
+    p.add_argument("--out", default=None, help="write OUT/results.csv and OUT/runs/*.json (reused when rerun)")
     args = p.parse_args(argv)
     if args.quick:
         for name, value in QUICK.items():
@@ -118,18 +124,32 @@ def accuracy(model: torch.nn.Module, dataset: ImageDataset, args: argparse.Names
     return correct / len(labels)
 
 
+def memory_bytes(plugin: Any) -> int:
+    """Bytes of the images and labels the memory holds, counted alike for every method: the stored payload of the
+    distilled sets (`SyntheticSet.nbytes`: images and int64 labels), the stored samples' image tensors plus one
+    int64 label each for Avalanche's buffers."""
+    from fedcl.avalanche import DistilledReplayPlugin
+
+    if isinstance(plugin, DistilledReplayPlugin):
+        return sum(s.nbytes for s in plugin.buffer.sets.values())
+    memory = plugin.storage_policy.buffer
+    label_bytes = torch.empty(0, dtype=torch.long).element_size()
+    return sum(memory[i][0].numel() * memory[i][0].element_size() + label_bytes for i in range(len(memory)))
+
+
 def run_one(method: str, mem_size: int, seed: int, dataset: ImageDataset, args: argparse.Namespace,
             device: torch.device) -> dict[str, Any]:
-    """Train one pass over the online stream with `method`'s memory; its accuracy and time per experience."""
+    """Train one pass over the online stream with `method`'s memory; its accuracy, time per experience and the
+    bytes its memory holds at the end."""
     from avalanche.training import Naive
 
     stream = online_stream(dataset, args, seed)
     with seeded(seed):
         model = create_model("convnet", dataset.image_shape, dataset.n_classes, width=args.width)
+    plugin = replay_plugin(method, mem_size, dataset, args, seed)
     strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9),
                      criterion=torch.nn.CrossEntropyLoss(), train_mb_size=args.batch_size, train_epochs=1,
-                     eval_mb_size=512, device=device, plugins=[replay_plugin(method, mem_size, dataset, args, seed)],
-                     evaluator=None)
+                     eval_mb_size=512, device=device, plugins=[plugin], evaluator=None)
     seconds = []
     for exp in stream:
         start = time.perf_counter()
@@ -137,21 +157,45 @@ def run_one(method: str, mem_size: int, seed: int, dataset: ImageDataset, args: 
         seconds.append(time.perf_counter() - start)
     tenth = max(1, len(seconds) // 10)
     return {"seed": seed, "mem_size": mem_size, "method": method, "experiences": len(stream),
-            "accuracy": round(accuracy(model, dataset, args, seed, device), 4),
+            "accuracy": round(accuracy(model, dataset, args, seed, device), 4), "memory_bytes": memory_bytes(plugin),
             "ms_per_exp": round(1000 * sum(seconds) / len(seconds), 1),
             "ms_first_tenth": round(1000 * sum(seconds[:tenth]) / tenth, 1),
             "ms_last_tenth": round(1000 * sum(seconds[-tenth:]) / tenth, 1)}
 
 
+#: Options that do not shape a run's result: which runs to make, where to write them.
+_PLAN_OPTIONS = ("quick", "seeds", "mem_sizes", "methods", "out", "data_root")
+
+
+def run_or_reuse(method: str, mem_size: int, seed: int, dataset: ImageDataset, args: argparse.Namespace,
+                 device: torch.device) -> tuple[dict[str, Any], bool]:
+    """`run_one`, or its row read back from OUT/runs when an earlier invocation made it with the same settings
+    (compared after a JSON round trip); a finished run is saved there at once, so an interrupted benchmark loses at
+    most the run in progress.  Without --out every run is made."""
+    if not args.out:
+        return run_one(method, mem_size, seed, dataset, args, device), False
+    settings = {k: v for k, v in vars(args).items() if k not in _PLAN_OPTIONS}
+    settings = json.loads(json.dumps({**settings, "method": method, "mem_size": mem_size, "seed": seed}))
+    path = Path(args.out) / "runs" / f"seed{seed}-{method}-mem{mem_size}.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("settings") == settings:
+            return saved["result"], True
+    row = run_one(method, mem_size, seed, dataset, args, device)
+    write_json(path, {"settings": settings, "result": row})
+    return row, False
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    """One line per seed and memory size: each method's accuracy and mean time per experience."""
+    """One line per seed and memory size: each method's accuracy, mean time per experience and memory bytes."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    header = "seed  mem  " + "  ".join(f"{m + ' acc':>14} {'ms/exp':>8}" for m in methods)
+    header = "seed  mem  " + "  ".join(f"{m + ' acc':>14} {'ms/exp':>8} {'bytes':>7}" for m in methods)
     lines = [header]
     for seed, mem in dict.fromkeys((r["seed"], r["mem_size"]) for r in rows):
         cells = {r["method"]: r for r in rows if r["seed"] == seed and r["mem_size"] == mem}
         lines.append(f"{seed:>4} {mem:>4}  " + "  ".join(
-            f"{cells[m]['accuracy']:>14.4f} {cells[m]['ms_per_exp']:>8.1f}" if m in cells else " " * 23
+            f"{cells[m]['accuracy']:>14.4f} {cells[m]['ms_per_exp']:>8.1f} {cells[m]['memory_bytes']:>7}"
+            if m in cells else " " * 31
             for m in methods))
     return "\n".join(lines)
 
@@ -163,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         for mem_size in args.mem_sizes:
             for method in args.methods:
-                rows.append(run_one(method, mem_size, seed, dataset, args, device))
-                print(rows[-1], flush=True)
+                row, reused = run_or_reuse(method, mem_size, seed, dataset, args, device)
+                rows.append(row)
+                print(f"{row}{' (from an earlier invocation)' if reused else ''}", flush=True)
                 if args.out:
                     write_csv(rows, f"{args.out}/results.csv")
     print(table(rows))

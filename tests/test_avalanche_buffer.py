@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 pytest.importorskip("avalanche")
 
 from fedcl.avalanche.benchmarks import LabelledTensors, make_benchmark, permute_pixels, permuted_scenario  # noqa: E402
-from fedcl.avalanche.buffer import DistilledBuffer, truncate  # noqa: E402
+from fedcl.avalanche.buffer import DistilledBuffer, memory_dataset, truncate  # noqa: E402
 from fedcl.avalanche.plugin import SoftReplayLoss, fit_columns  # noqa: E402
 from fedcl.data import ClassIndex, load_dataset  # noqa: E402
 from fedcl.distill.base import Distiller, DistillResult  # noqa: E402
@@ -99,6 +101,27 @@ def test_memory_samples_have_the_streams_layout(digits_stream):
     x0, y0, t0 = exp.dataset[0]
     assert x.shape == x0.shape and type(y) is type(y0) and type(t) is type(t0)
     assert list(buffer.buffer.targets_task_labels) == [0] * 10
+
+
+def test_the_memory_dataset_is_a_task_aware_avalanche_dataset():
+    images, labels, tasks = torch.randn(6, 1, 4, 4), torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([0, 0, 0, 1, 1, 1])
+    data = memory_dataset(images, labels, tasks)
+    assert list(data.targets) == labels.tolist() and list(data.targets_task_labels) == tasks.tolist()
+    x, y, t = data[3]
+    assert torch.equal(x, images[3]) and (y, t) == (1, 1)
+    assert sorted(data.task_set) == [0, 1] and list(data.task_set[1].targets) == [1, 2, 2]  # task-balanced replay
+    batch = next(iter(torch.utils.data.DataLoader(data, batch_size=6, collate_fn=data.collate_fn)))
+    assert torch.equal(batch[1], labels) and torch.equal(batch[2], tasks)
+
+
+def test_the_avalanche_adapters_import_only_public_avalanche_names():
+    private = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "fedcl" / "avalanche").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("avalanche"):
+                private += [f"{path.name}: {node.module}.{alias.name}" for alias in node.names
+                            if alias.name.startswith("_") or any(p.startswith("_") for p in node.module.split("."))]
+    assert private == []
 
 
 def test_save_load_round_trips(digits_stream, tmp_path):

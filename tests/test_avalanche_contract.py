@@ -3,7 +3,7 @@
 In the spirit of Avalanche's own storage-policy and replay tests: the budget is never exceeded; resize works down
 and up; post_adapt adds the experience's classes and task labels; replay batches mix current and memory samples
 exactly as ReplayPlugin does; online and task-aware online streams train to the end; a budget below the number of
-classes trains to the end; the plugin pickles.  Tiny synthetic data and distillers keep the module fast.
+classes trains to the end; the plugin pickles; a budget in bytes is never exceeded in the stored form.  Tiny synthetic data and distillers keep the module fast.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from fedcl.avalanche.benchmarks import LabelledTensors  # noqa: E402
 from fedcl.avalanche.buffer import strategy_device  # noqa: E402
 from fedcl.distill.base import DistillResult  # noqa: E402
 from fedcl.distill.coreset import RandomCoreset  # noqa: E402
-from fedcl.memory import HISTORY, class_key  # noqa: E402
+from fedcl.memory import HISTORY, class_key, stored_cost  # noqa: E402
 
 AGENT = SimpleNamespace(device=torch.device("cpu"))
 N_CLASSES = 6
@@ -278,3 +278,42 @@ def test_a_strategy_without_a_real_device_falls_back_to_auto():
     buffer = DistilledBuffer(4, distiller="dm", distiller_options=TINY_DM)
     buffer.post_adapt(SimpleNamespace(device=Mock()), tiny_benchmark().train_stream[0])
     assert len(buffer.buffer) == 4 and buffer.sets[class_key(0, 0)].meta.method == "dm"
+
+
+def test_a_stored_image_costs_its_pixels_in_the_stored_dtype_plus_its_label():
+    image = torch.zeros(3, 1, 8, 8)
+    assert stored_cost(image, "float32") == (64 * 4 + 8, 0)
+    assert stored_cost(image, "uint8") == (64 + 8, 2 * 4)  # one byte per pixel; a scale and offset per set
+
+
+@pytest.mark.parametrize("storage, images", [("float32", 12), ("uint8", 42)])
+def test_a_byte_budget_holds_what_the_stored_form_allows_and_is_never_exceeded(storage, images):
+    budget = 12 * (64 * 4 + 8)  # 12 float32 images; (budget - 6 sets x 8) // 72 = 43 uint8 ones, 7 per class
+    plugin = DistilledReplayPlugin(mem_size=None, mem_bytes=budget, distiller="random",
+                                   distiller_options={"storage": storage})
+    strategy = naive(plugin)
+    for exp in online(tiny_benchmark()):
+        strategy.train(exp)
+        assert 0 < plugin.buffer.memory.nbytes <= budget
+        assert all(s.meta.storage == storage for s in plugin.buffer.sets.values())
+    assert len(plugin.storage_policy.buffer) == images and len(plugin.buffer.seen_classes()) == N_CLASSES
+    assert plugin.storage_policy.buffer[0][0].dtype == torch.float32  # replayed decoded
+
+
+def test_a_uint8_dm_memory_is_updated_from_its_dequantised_images():
+    frozen = dict(TINY_DM, lr_img=0.0, storage="uint8")  # no steps: the update returns the images it started from
+    buffer = DistilledBuffer(mem_bytes=4 * 80, distiller="dm", distiller_options=frozen)
+    stream = online(tiny_benchmark(), size=10)
+    buffer.post_adapt(AGENT, stream[0])
+    before = {k: s.float_images() for k, s in buffer.sets.items()}
+    buffer.post_adapt(AGENT, stream[1])
+    assert buffer.history[-1]["updated_classes"] == 2 and buffer.memory.nbytes <= 4 * 80
+    for key, images in before.items():
+        synset = buffer.sets[key]
+        assert synset.meta.storage == "uint8"
+        assert torch.allclose(synset.float_images(), images, atol=float(synset.scale.max()))
+
+
+def test_a_byte_budget_is_exclusive_with_an_image_budget():
+    with pytest.raises(ValueError, match="exactly one memory budget"):
+        DistilledReplayPlugin(mem_size=100, mem_bytes=10_000, distiller="random")

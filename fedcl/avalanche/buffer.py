@@ -13,7 +13,9 @@ Budget.  With `max_size` images in all, ipc = max_size // (classes held) and the
 to the new ipc - re-distilled from their own synthetic images (default), herded or truncated within them.  When
 the classes seen outnumber `max_size`, the memory keeps one image for each of the `max_size` most recently seen
 classes and drops the older ones: the memory never exceeds the budget and training never stops because of it
-(docs/avalanche-memory.md).  With `images_per_class` the memory grows by that many images per new class instead.
+(`fedcl.memory.DistilledMemory.fit_budget`).  With `images_per_class` the memory grows by that many images per new
+class instead; with `mem_bytes` the budget is bytes of the stored sets, and the images it holds are what the
+distiller's stored form (`storage`: float32, float16, uint8) allows (see `fedcl.memory.DistilledMemory`).
 
 Samples.  The experience's samples must be sequences (image, label[, task label, ...]) whose image is one (C, H, W)
 tensor - the layout of Avalanche's classification datasets.  Dictionary samples and multi-input samples (a tuple
@@ -40,8 +42,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from avalanche.benchmarks.utils import AvalancheDataset, concat_datasets
-from avalanche.benchmarks.utils.classification_dataset import _make_taskaware_classification_dataset
+from avalanche.benchmarks.utils import (
+    AvalancheDataset,
+    DataAttribute,
+    TaskAwareSupervisedClassificationDataset,
+    TaskLabels,
+    concat_datasets,
+)
 from avalanche.training.storage_policy import ExemplarsBuffer
 from torch.utils.data import DataLoader
 
@@ -58,7 +65,9 @@ class DistilledBuffer(ExemplarsBuffer):
     """Replay memory of distilled experiences.
 
     max_size: total images in memory (the usual Avalanche budget); or
-    images_per_class: a fixed number of images per class (then the memory grows with the classes; max_size None).
+    images_per_class: a fixed number of images per class (then the memory grows with the classes; max_size None);
+    mem_bytes: total bytes of the stored sets (`SyntheticSet.nbytes`; max_size None): as many images as the
+        distiller's stored form allows - a uint8 image costs one byte per pixel, a float32 one four.
     distiller: a registered distiller name (built on the strategy's device at the first experience, with
         `distiller_options`, `seed` and `progress`) or a ready Distiller instance (used as configured).
     compress: how existing sets shrink when new classes arrive under `max_size`: "redistill" (the distiller
@@ -73,15 +82,17 @@ class DistilledBuffer(ExemplarsBuffer):
     """
 
     def __init__(self, max_size: int | None = None, *, images_per_class: int | None = None,
-                 distiller: str | Distiller = "dm", distiller_options: dict[str, Any] | None = None,
-                 compress: str = "redistill", update_iterations: int | None = None, source: Source | None = None,
+                 mem_bytes: int | None = None, distiller: str | Distiller = "dm",
+                 distiller_options: dict[str, Any] | None = None, compress: str = "redistill",
+                 update_iterations: int | None = None, source: Source | None = None,
                  n_classes: int | None = None, key: str = "class", seed: int = 0, progress: bool = False) -> None:
         if update_iterations is not None and update_iterations < 1:
             raise ValueError(f"update_iterations must be >= 1, got {update_iterations}")
         if key not in KEYS:
             raise ValueError(f"key must be one of {KEYS}, got {key!r}")
         self.key = key
-        self.memory = DistilledMemory(max_size, images_per_class=images_per_class, compress=compress, seed=seed)
+        self.memory = DistilledMemory(max_size, images_per_class=images_per_class, mem_bytes=mem_bytes,
+                                      compress=compress, seed=seed)
         if isinstance(distiller, Distiller) and distiller_options:
             raise ValueError("distiller_options only apply to a distiller given by name")
         super().__init__(max_size)  # type: ignore[arg-type]
@@ -195,7 +206,7 @@ class _MemoryTensors(torch.utils.data.TensorDataset):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, label_as_tensor: bool) -> None:
         super().__init__(images, labels)
-        self.targets, self.label_as_tensor = labels.tolist(), label_as_tensor
+        self.label_as_tensor = label_as_tensor
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
         label = self.tensors[1][index]
@@ -204,9 +215,12 @@ class _MemoryTensors(torch.utils.data.TensorDataset):
 
 def memory_dataset(images: torch.Tensor, labels: torch.Tensor, task_labels: torch.Tensor, *,
                    label_as_tensor: bool = False) -> AvalancheDataset:
-    """An Avalanche classification dataset of (image, label, task label) samples with `targets` and task labels."""
-    return _make_taskaware_classification_dataset(_MemoryTensors(images, labels, label_as_tensor),
-                                                  task_labels=task_labels.tolist(), targets=labels.tolist())
+    """An Avalanche classification dataset of (image, label, task label) samples with `targets` and
+    `targets_task_labels`, the kind Avalanche's benchmarks and buffers hold, built with its public API: the task
+    label is a `TaskLabels` attribute, which Avalanche appends to every sample."""
+    attributes = [DataAttribute(labels.tolist(), "targets"), TaskLabels(task_labels.tolist())]
+    return TaskAwareSupervisedClassificationDataset([_MemoryTensors(images, labels, label_as_tensor)],
+                                                    data_attributes=attributes)
 
 
 def experience_tensors(exp: Any, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

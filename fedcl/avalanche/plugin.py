@@ -34,7 +34,8 @@ from fedcl.distill.base import Distiller, Source
 class DistilledReplayPlugin(ReplayPlugin):
     """Replay of distilled data through Avalanche's replay loader.
 
-    mem_size: total images in memory (default 200); or images_per_class (then pass mem_size=None).
+    mem_size: total images in memory (default 200); or images_per_class, or mem_bytes (total bytes of the stored
+        sets, as many images as the distiller's stored form allows; see DistilledBuffer) - then pass mem_size=None.
     distiller: a registered distiller name ("dm", "random", "herding", ...) or a Distiller instance.
     distiller_options: options for a distiller given by name (e.g. {"iterations": 500, "model_cfg": {...}}).
     compress: "redistill" | "herding" | "truncate": how older sets shrink when new classes arrive.
@@ -45,12 +46,13 @@ class DistilledReplayPlugin(ReplayPlugin):
     """
 
     def __init__(self, mem_size: int | None = 200, distiller: str | Distiller = "dm", *,
-                 images_per_class: int | None = None, distiller_options: dict[str, Any] | None = None,
+                 images_per_class: int | None = None, mem_bytes: int | None = None,
+                 distiller_options: dict[str, Any] | None = None,
                  compress: str = "redistill", update_iterations: int | None = None,
                  batch_size: int | None = None, batch_size_mem: int | None = None,
                  task_balanced_dataloader: bool = False, source: Source | None = None, n_classes: int | None = None,
                  key: str = "class", seed: int = 0, progress: bool = False) -> None:
-        buffer = DistilledBuffer(mem_size, images_per_class=images_per_class, distiller=distiller,
+        buffer = DistilledBuffer(mem_size, images_per_class=images_per_class, mem_bytes=mem_bytes, distiller=distiller,
                                  distiller_options=distiller_options, compress=compress,
                                  update_iterations=update_iterations, source=source,
                                  n_classes=n_classes, key=key, seed=seed, progress=progress)
