@@ -309,8 +309,8 @@ def test_continual_strategies_and_settings_are_checked():
     assert FedSettings(scenario="continual", strategy="fedavg-replay").memory_distiller == "random"
     assert FedSettings(scenario="continual", strategy="fed-distill").server_memory is False
     assert FedSettings(scenario="continual", strategy="fedavg").memory_distiller is None
-    assert FedSettings(scenario="continual", strategy="fedavg-replay").unread_keys == {"distill-iterations",
-                                                                                      "batch-real"}
+    assert FedSettings(scenario="continual", strategy="fedavg-replay").unread_keys == {
+        "distill-iterations", "batch-real", "distiller", "distiller-opt", "init", "dp-epsilon", "dp-delta", "dp-clip"}
     assert FedSettings(scenario="continual", strategy="fed-distill").unread_keys == frozenset()
     assert FedSettings(strategy="fedavg").unread_keys == frozenset()  # the standard scenario: nothing assumed
     with pytest.raises(ValueError, match="continual scenario"):

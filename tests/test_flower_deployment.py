@@ -114,7 +114,7 @@ def _csv_rows(path: Path) -> list[dict[str, str]]:
 def test_superlink_and_two_supernodes_run_a_fed_distill_round(tmp_path):
     out = tmp_path / "results"
     with _federation(tmp_path, [f"partition-id={pid} num-partitions=2" for pid in range(2)]) as env:
-        _flwr_run(env, f'strategy="fed-distill" num-rounds=1 width=16 distill-iterations=5 server-epochs=20 '
+        _flwr_run(env, f'strategy="fed-distill" num-rounds=1 width=16 distill-iterations=30 server-epochs=20 '
                        f'upload-dtype="float16" min-nodes=2 out-dir="{out}"')
     rows = _csv_rows(out / "rounds.csv")
     assert [int(r["round"]) for r in rows] == [0, 1]
@@ -130,7 +130,7 @@ def test_a_continual_run_on_supernodes_keeps_each_memory_on_disk(tmp_path):
     memory_dirs = [tmp_path / f"memory{pid}" for pid in range(2)]
     configs = [f'partition-id={pid} num-partitions=2 memory-dir="{memory_dirs[pid]}"' for pid in range(2)]
     with _federation(tmp_path, configs) as env:
-        runs = _flwr_run(env, f'scenario="continual" tasks=2 strategy="fed-distill" num-rounds=1 width=16 '
+        runs = _flwr_run(env, f'scenario="continual" tasks=2 strategy="fed-distill" rounds-per-task=1 width=16 '
                               f'distill-iterations=5 ipc={ipc} local-epochs=2 min-nodes=2 out-dir="{out}"')
     assert [int(r["task"]) for r in _csv_rows(out / "tasks.csv")] == [0, 1]
     settings = FedSettings(scenario="continual", tasks=2, strategy="fed-distill", ipc=ipc)
