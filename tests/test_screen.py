@@ -163,8 +163,8 @@ def test_flower_simulation_with_the_screen_drops_the_poisoned_client(tmp_path, m
     monkeypatch.setattr(client_app, "app", _flipping_client_app())
     settings = FedSettings(dataset="digits", partitioner="iid", width=16, distill_iterations=10, batch_real=32,
                            server_epochs=30, min_nodes=5, strategy="fed-distill", screen="embedding",
-                           out_dir=str(tmp_path))
-    rows = simulate(settings, 5)
+                           init="real", out_dir=str(tmp_path))  # 10 iterations from noise carry too little class
+    rows = simulate(settings, 5)                               # signal for a flipped set to stand out
     last = rows[-1]
     assert int(last["clients_failed"]) == 1 and int(last["replies_ok"]) == 4, last
     assert "screened out as an outlier" in last["failure_reasons"]
