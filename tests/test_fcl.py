@@ -327,7 +327,7 @@ def test_fedcl_simulate_continual_three_clients_two_tasks(tmp_path):
     env = {**os.environ, **QUIET_ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "fedcl.cli", "simulate", "--scenario", "continual", "--dataset", "digits",
            "--clients", "3", "--tasks", "2", "--strategy", "fed-distill", "--seed", "0", "--out", str(out),
-           "--width", "16", "--distill-iterations", "5", "--rounds", "2", "--local-epochs", "5", "--local-lr", "0.05",
+           "--width", "16", "--distill-iterations", "5", "--rounds-per-task", "2", "--init", "real", "--local-epochs", "5", "--local-lr", "0.05",
            "--local-batch-size", "16", "--replay-batch-size", "16", "--ipc", "3", "--device", "cpu"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
