@@ -124,24 +124,13 @@ def accuracy(model: torch.nn.Module, dataset: ImageDataset, args: argparse.Names
     return correct / len(labels)
 
 
-def memory_bytes(plugin: Any) -> int:
-    """Bytes of the images and labels the memory holds, counted alike for every method: the stored payload of the
-    distilled sets (`SyntheticSet.nbytes`: images and int64 labels), the stored samples' image tensors plus one
-    int64 label each for Avalanche's buffers."""
-    from fedcl.avalanche import DistilledReplayPlugin
-
-    if isinstance(plugin, DistilledReplayPlugin):
-        return sum(s.nbytes for s in plugin.buffer.sets.values())
-    memory = plugin.storage_policy.buffer
-    label_bytes = torch.empty(0, dtype=torch.long).element_size()
-    return sum(memory[i][0].numel() * memory[i][0].element_size() + label_bytes for i in range(len(memory)))
-
-
 def run_one(method: str, mem_size: int, seed: int, dataset: ImageDataset, args: argparse.Namespace,
             device: torch.device) -> dict[str, Any]:
     """Train one pass over the online stream with `method`'s memory; its accuracy, time per experience and the
     bytes its memory holds at the end."""
     from avalanche.training import Naive
+
+    from fedcl.avalanche.experiment import memory_bytes
 
     stream = online_stream(dataset, args, seed)
     with seeded(seed):
@@ -157,7 +146,8 @@ def run_one(method: str, mem_size: int, seed: int, dataset: ImageDataset, args: 
         seconds.append(time.perf_counter() - start)
     tenth = max(1, len(seconds) // 10)
     return {"seed": seed, "mem_size": mem_size, "method": method, "experiences": len(stream),
-            "accuracy": round(accuracy(model, dataset, args, seed, device), 4), "memory_bytes": memory_bytes(plugin),
+            "accuracy": round(accuracy(model, dataset, args, seed, device), 4),
+            "memory_bytes": memory_bytes(plugin, dataset.image_shape),
             "ms_per_exp": round(1000 * sum(seconds) / len(seconds), 1),
             "ms_first_tenth": round(1000 * sum(seconds[:tenth]) / tenth, 1),
             "ms_last_tenth": round(1000 * sum(seconds[-tenth:]) / tenth, 1)}

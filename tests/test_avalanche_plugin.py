@@ -118,3 +118,25 @@ def test_cl_command_writes_results_csv(tmp_path, capsys):
     assert float(rows[3]["distill_seconds_per_exp"]) > 0
     assert (out / "accuracy.png").stat().st_size > 1000
     assert "final average accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_cl_command_gives_every_memory_the_same_bytes(tmp_path, capsys):
+    out = tmp_path / "cl"
+    budget = 20 * (8 * 8 + 8)  # twenty uint8 8x8 digits with their int64 labels
+    code = main(["cl", "--benchmark", "split-digits", "--strategy", "replay", "herding", "distilled",
+                 "--mem-bytes", str(budget), "--storage", "uint8", "--epochs", "1", "--seed", "0", "--out", str(out),
+                 "--width", "8", "--distill-iterations", "2"])
+    assert code == 0
+    rows = {r["strategy"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert all(int(r["mem_bytes"]) == budget for r in rows.values())
+    assert int(rows["replay"]["memory_bytes"]) == int(rows["herding"]["memory_bytes"]) == budget  # 20 real images
+    held = int(rows["distilled"]["memory_bytes"])
+    # a whole number of images per class (10 classes), each uint8 set with its own scale and offset (8 bytes)
+    assert budget - 10 * (72 + 8) < held <= budget
+    assert f"{budget:,} B" in capsys.readouterr().out
+
+
+def test_cl_command_refuses_a_byte_budget_below_one():
+    with pytest.raises(SystemExit, match="--mem-bytes must be >= 1"):
+        main(["cl", "--mem-bytes", "0"])

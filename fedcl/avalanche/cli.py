@@ -15,6 +15,7 @@ _STRATEGIES = ("naive", "replay", "herding", "distilled", "joint")
 _EPILOG = """examples:
   fedcl cl --benchmark split-digits --strategy distilled --mem-size 20 --epochs 1 --seed 0 --out runs/cl
   fedcl cl --benchmark split-fmnist --strategy naive replay herding distilled joint --mem-size 100 --epochs 3
+  fedcl cl --benchmark split-digits --strategy replay distilled --mem-bytes 7200 --storage uint8
 """
 
 
@@ -34,6 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> dict[str, Callable[[argp
     p.add_argument("--distill-iterations", type=int, default=200,
                    help="iterations of an iterative distiller such as dm (default 200)")
     p.add_argument("--mem-size", type=int, default=100, help="memory size in images, total (default 100)")
+    p.add_argument("--mem-bytes", type=int, default=None,
+                   help="memory size in bytes instead, the same for every memory: real-image buffers hold as many "
+                        "images as fit, the distilled memory as many synthetic images as its sets fit")
+    p.add_argument("--storage", default="float32", choices=("float32", "float16", "uint8"),
+                   help="stored form in which every memory's images are counted; distilled sets are kept in it "
+                        "(default float32)")
     p.add_argument("--epochs", type=int, default=1, help="training epochs per experience (default 1)")
     p.add_argument("--batch-size", type=int, default=64, help="current-data samples per mini-batch (default 64)")
     p.add_argument("--batch-size-mem", type=int, default=None,
@@ -59,12 +66,15 @@ def cmd_cl(args: argparse.Namespace) -> int:
     from fedcl.distill.base import accepted_options
     from fedcl.files import write_csv
 
+    if args.mem_bytes is not None and args.mem_bytes < 1:
+        raise SystemExit(f"fedcl cl: --mem-bytes must be >= 1, got {args.mem_bytes}")
     options = {"iterations": args.distill_iterations} if "iterations" in accepted_options(args.distiller) else {}
     benchmark = make_benchmark(args.benchmark, seed=args.seed, data_root=args.data_root)
     out = Path(args.out)
     results = []
     for name in args.strategy:
-        config = RunConfig(strategy=name, mem_size=args.mem_size, distiller=args.distiller,
+        config = RunConfig(strategy=name, mem_size=args.mem_size, mem_bytes=args.mem_bytes, storage=args.storage,
+                           distiller=args.distiller,
                            distiller_options=options, epochs=args.epochs, train_mb_size=args.batch_size,
                            batch_size_mem=args.batch_size_mem or args.batch_size, lr=args.lr,
                            model_cfg={"width": args.width}, seed=args.seed, device=args.device,
@@ -73,11 +83,13 @@ def cmd_cl(args: argparse.Namespace) -> int:
         result = run(benchmark, config)
         results.append(result)
         print(f"  {name}: final average accuracy {100 * result.final_accuracy:.2f} %, forgetting "
-              f"{100 * result.forgetting:.2f} %, BWT {100 * result.bwt:.2f} % ({result.train_seconds:.0f} s)")
+              f"{100 * result.forgetting:.2f} %, BWT {100 * result.bwt:.2f} %, memory {result.memory_bytes:,} bytes "
+              f"({result.train_seconds:.0f} s)")
     rows = [{"benchmark": args.benchmark, "distiller": args.distiller if r.strategy == "distilled" else "",
              "epochs": args.epochs, "width": args.width, **r.row()} for r in results]
     write_csv(rows, out / "results.csv")
-    plot_accuracy(out / "accuracy.png", results, f"{args.benchmark}, memory {args.mem_size} images")
+    budget = f"{args.mem_size} images" if args.mem_bytes is None else f"{args.mem_bytes:,} bytes ({args.storage})"
+    plot_accuracy(out / "accuracy.png", results, f"{args.benchmark}, memory {budget}")
     print(markdown_table(summarise(results)))
     print(f"wrote {out / 'results.csv'} and {out / 'accuracy.png'}")
     return 0

@@ -10,6 +10,12 @@ Strategies:
   herding    Avalanche ReplayPlugin with ParametricBuffer(groupby="class") and HerdingSelectionStrategy
   distilled  fedcl DistilledReplayPlugin (the chosen distiller)
   joint      Avalanche JointTraining on all experiences at once (upper bound; no forgetting is defined)
+
+Budgets.  `mem_size` gives every memory the same number of images.  `mem_bytes` gives every memory the same bytes
+instead: the images are counted in one stored form (`storage`: float32, float16 or uint8) for every memory, real
+or distilled, so a real-image buffer holds `mem_bytes // (bytes of one stored image and its int64 label)` images
+and the distilled memory as many synthetic images as its sets fit in the same bytes (`SyntheticSet.nbytes`, see
+`fedcl.memory.DistilledMemory`).  `memory_bytes` reports what each memory holds at the end, counted the same way.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from avalanche.training.storage_policy import ClassBalancedBuffer, HerdingSelect
 from fedcl.avalanche.benchmarks import CLBenchmark
 from fedcl.avalanche.finetune import MemoryFinetunePlugin
 from fedcl.avalanche.plugin import DistilledReplayPlugin
+from fedcl.memory import stored_cost
 from fedcl.models import create_model
 from fedcl.runtime import resolve_device, seeded
 
@@ -45,6 +52,8 @@ class RunConfig:
 
     strategy: str
     mem_size: int = 100
+    mem_bytes: int | None = None  # a byte budget instead of mem_size (see the module docstring)
+    storage: str = "float32"  # stored form in which every memory's images are counted (and distilled sets kept)
     distiller: str = "dm"
     distiller_options: dict[str, Any] = field(default_factory=dict)
     epochs: int = 1
@@ -72,6 +81,8 @@ class RunResult:
     final_per_experience: list[float]
     distill_seconds: list[float]  # per experience (distilled replay only)
     train_seconds: float
+    mem_bytes: int = 0  # the byte budget (0: the memory was sized in images)
+    memory_bytes: int = 0  # bytes the memory holds at the end (0: no memory)
 
     def row(self) -> dict[str, Any]:
         """A flat CSV row."""
@@ -115,9 +126,24 @@ def run(benchmark: CLBenchmark, config: RunConfig) -> RunResult:
         if config.strategy == "distilled" else []
     per_exp = [float(metrics[_ACC_EXP.format(task=e.task_label, exp=e.current_experience)])
                for e in scenario.test_stream]
-    return RunResult(config.strategy, config.seed, config.mem_size, accuracy_after[-1],
-                     _metric(metrics, _FORGETTING, config), _metric(metrics, _BWT, config), accuracy_after,
-                     per_exp, distill, round(seconds, 2))
+    held = memory_bytes(plugins[0], benchmark.dataset.image_shape, config.storage) if plugins else 0
+    return RunResult(config.strategy, config.seed, config.mem_size if config.mem_bytes is None else 0,
+                     accuracy_after[-1], _metric(metrics, _FORGETTING, config), _metric(metrics, _BWT, config),
+                     accuracy_after, per_exp, distill, round(seconds, 2), config.mem_bytes or 0, held)
+
+
+def image_bytes(image_shape: tuple[int, ...], storage: str) -> int:
+    """Bytes of one real image of `image_shape` and its int64 label, stored as `storage` (as a synthetic image
+    is counted: `fedcl.memory.stored_cost`)."""
+    return stored_cost(torch.zeros(1, *image_shape), storage)[0]
+
+
+def memory_bytes(plugin: Any, image_shape: tuple[int, ...], storage: str = "float32") -> int:
+    """Bytes a replay plugin's memory holds, counted alike for every memory: the distilled sets' stored payload
+    (`SyntheticSet.nbytes`), or the number of real samples an Avalanche buffer holds times `image_bytes`."""
+    if isinstance(plugin, DistilledReplayPlugin):
+        return sum(s.nbytes for s in plugin.buffer.sets.values())
+    return len(plugin.storage_policy.buffer) * image_bytes(image_shape, storage)
 
 
 def _metric(metrics: dict[str, Any], key: str, config: RunConfig) -> float:
@@ -146,19 +172,27 @@ def _plugins(config: RunConfig, benchmark: CLBenchmark, model: torch.nn.Module) 
 
 def _replay_plugin(config: RunConfig, benchmark: CLBenchmark, model: torch.nn.Module) -> Any:
     common = {"batch_size": config.train_mb_size, "batch_size_mem": config.batch_size_mem}
+    real_images = config.mem_size if config.mem_bytes is None else \
+        config.mem_bytes // image_bytes(benchmark.dataset.image_shape, config.storage)
+    if config.strategy in ("replay", "herding") and real_images < 1:
+        raise ValueError(f"a memory of {config.mem_bytes} bytes cannot hold one {config.storage} image of shape "
+                         f"{benchmark.dataset.image_shape} and its label")
     if config.strategy == "replay":
-        policy = ClassBalancedBuffer(config.mem_size, adaptive_size=True)
-        return ReplayPlugin(config.mem_size, storage_policy=policy, **common)
+        policy = ClassBalancedBuffer(real_images, adaptive_size=True)
+        return ReplayPlugin(real_images, storage_policy=policy, **common)
     if config.strategy == "herding":
-        policy = ParametricBuffer(config.mem_size, groupby="class",
+        policy = ParametricBuffer(real_images, groupby="class",
                                   selection_strategy=FlatHerdingSelection(model, "features"))
-        return ReplayPlugin(config.mem_size, storage_policy=policy, **common)
+        return ReplayPlugin(real_images, storage_policy=policy, **common)
     if config.strategy == "distilled":
         options = {"model_cfg": dict(config.model_cfg), **config.distiller_options}
+        if config.storage != "float32":
+            options["storage"] = config.storage
         key = "experience" if benchmark.name.startswith("permuted") else "class"  # domains stay apart
-        return DistilledReplayPlugin(config.mem_size, config.distiller, distiller_options=options,
-                                     source=benchmark.source, n_classes=benchmark.n_classes, key=key,
-                                     seed=config.seed, **common)
+        mem_size = config.mem_size if config.mem_bytes is None else None
+        return DistilledReplayPlugin(mem_size, config.distiller, mem_bytes=config.mem_bytes,
+                                     distiller_options=options, source=benchmark.source,
+                                     n_classes=benchmark.n_classes, key=key, seed=config.seed, **common)
     return None
 
 

@@ -21,30 +21,34 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def summarise(results: Sequence[RunResult]) -> list[dict[str, Any]]:
     """Mean and std over seeds for each (memory size, strategy), in first-seen order; accuracies in %."""
-    groups: dict[tuple[int, str], list[RunResult]] = {}
+    groups: dict[tuple[int, int, str], list[RunResult]] = {}
     for r in results:
-        groups.setdefault((r.mem_size, r.strategy), []).append(r)
+        groups.setdefault((r.mem_size, r.mem_bytes, r.strategy), []).append(r)
     rows = []
-    for (mem_size, strategy), runs in groups.items():
-        row: dict[str, Any] = {"mem_size": mem_size, "strategy": strategy, "seeds": len(runs)}
+    for (mem_size, mem_bytes, strategy), runs in groups.items():
+        row: dict[str, Any] = {"mem_size": mem_size, "mem_bytes": mem_bytes, "strategy": strategy,
+                               "seeds": len(runs)}
         for name, values in (("final_accuracy", [100 * r.final_accuracy for r in runs]),
                              ("forgetting", [100 * r.forgetting for r in runs]),
                              ("bwt", [100 * r.bwt for r in runs]),
                              ("distill_seconds_per_exp", [r.row()["distill_seconds_per_exp"] for r in runs]),
-                             ("train_seconds", [r.train_seconds for r in runs])):
+                             ("train_seconds", [r.train_seconds for r in runs]),
+                             ("memory_bytes", [r.memory_bytes for r in runs])):
             row[f"{name}_mean"], row[f"{name}_std"] = _mean_std(values)
         rows.append(row)
     return rows
 
 
 def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
-    """The summary as a markdown table: final average accuracy, forgetting, BWT (%, mean +- std), overhead."""
+    """The summary as a markdown table: final average accuracy, forgetting, BWT (%, mean +- std), overhead and the
+    bytes each memory holds at the end (mean over seeds)."""
     lines = ["| memory | strategy | final avg. accuracy (%) | forgetting (%) | BWT (%) | distillation s / exp. "
-             "| run time (s) |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| run time (s) | bytes held |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in summary:
         cells = [_pm(row, "final_accuracy"), _pm(row, "forgetting"), _pm(row, "bwt"),
-                 _pm(row, "distill_seconds_per_exp", 1), _pm(row, "train_seconds", 0)]
-        memory = row["mem_size"] or "-"
+                 _pm(row, "distill_seconds_per_exp", 1), _pm(row, "train_seconds", 0),
+                 f"{row['memory_bytes_mean']:,.0f}" if row["memory_bytes_mean"] else "-"]
+        memory = f"{row['mem_bytes']:,} B" if row.get("mem_bytes") else row["mem_size"] or "-"
         lines.append(f"| {memory} | {row['strategy']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -64,7 +68,8 @@ def plot_accuracy(path: str | Path, results: Sequence[RunResult], title: str) ->
 
     curves: dict[str, list[list[float]]] = {}
     for r in results:
-        label = r.strategy if r.strategy in ("naive", "joint") else f"{r.strategy} (memory {r.mem_size})"
+        label = r.strategy if r.strategy in ("naive", "joint") else \
+            f"{r.strategy} ({r.mem_bytes:,} bytes)" if r.mem_bytes else f"{r.strategy} (memory {r.mem_size})"
         curves.setdefault(label, []).append(r.accuracy_after)
     n_exp = max(len(r.accuracy_after) for r in results)
     fig, ax = plt.subplots(figsize=(6.5, 4))
