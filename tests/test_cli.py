@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,14 +108,18 @@ def test_help_explains_every_command():
 def test_demo_runs_the_federated_continual_comparison(tmp_path):
     out = tmp_path / "demo"
     done = run("demo", "--clients", "2", "--tasks", "2", "--rounds", "1", "--local-epochs", "2", "--width", "8",
-               "--distill-iterations", "5", "--strategies", "fedavg", "fedavg-replay", "fed-distill",
-               "--device", "cpu", "--out", str(out))
+               "--distill-iterations", "5", "--strategies", "fedavg", "fedavg-replay", "fedavg-herding",
+               "fed-distill", "--seeds", "0", "--device", "cpu", "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
-    for strategy in ("fedavg", "fedavg-replay", "fed-distill"):
+    for strategy in ("fedavg", "fedavg-replay", "fedavg-herding", "fed-distill"):
         assert f"| {strategy}: " in done.stdout
-    assert "distilled - random replay:" in done.stdout
+    assert "| near-copies |" in done.stdout
+    for baseline in ("fedavg-replay", "fedavg-herding"):
+        assert re.search(rf"fed-distill - {baseline}: [+-][0-9.]+ points .*; fed-distill (wins|loses) on every seed",
+                         done.stdout)
+    assert "fraction_evaluate" not in done.stdout + done.stderr  # no library warning inside the progress bar
     rows = (out / "tasks.csv").read_text().splitlines()
-    assert rows[0].startswith("strategy,seed,task,round,avg_accuracy,forgetting") and len(rows) == 1 + 3 * 2
+    assert rows[0].startswith("strategy,seed,task,round,avg_accuracy,forgetting") and len(rows) == 1 + 4 * 2
     assert (out / "accuracy.png").stat().st_size > 0 and (out / "fed-distill-seed0" / "tasks.csv").is_file()
     summary = json.loads((out / "summary.json").read_text())
-    assert [row["run"] for row in summary["table"]] == ["fedavg", "fedavg-replay", "fed-distill"]
+    assert [row["run"] for row in summary["table"]] == ["fedavg", "fedavg-replay", "fedavg-herding", "fed-distill"]

@@ -385,3 +385,18 @@ def test_the_memory_core_imports_neither_flower_nor_avalanche():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_comparison_says_plainly_which_memory_wins_on_each_seed():
+    from fedcl.flower.comparison import verdicts
+
+    def row(name, accuracies):
+        return {"run": name, "seed_accuracy": accuracies, "avg_accuracy": (sum(accuracies) / len(accuracies), 0.0)}
+
+    table = [row("fedavg-replay", [0.85, 0.82]), row("fed-distill", [0.90, 0.80]),
+             row("fed-distill-server", [0.95, 0.90])]
+    assert verdicts(table) == [
+        "fed-distill - fedavg-replay: +1.50 points of final average accuracy (seeds: +5.00, -2.00); fed-distill wins "
+        "on 1 of 2 seeds (same client memory: ipc images per class)",
+        "fed-distill-server - fedavg-replay: +9.00 points of final average accuracy (seeds: +10.00, +8.00); "
+        "fed-distill-server wins on every seed (same client memory: ipc images per class)"]

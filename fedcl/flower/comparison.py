@@ -23,13 +23,14 @@ from flwr.common.logger import FLOWER_LOGGER
 from tqdm.auto import tqdm
 
 from fedcl.files import atomic_write, write_csv, write_json
-from fedcl.flower.results import plot_tasks, read_csv, task_summary, task_table
+from fedcl.flower.results import plot_tasks, read_csv, task_summary, task_table, total
 from fedcl.flower.settings import FedSettings, changed_settings
 from fedcl.flower.simulation import simulate, write_partitions
 
 #: The strategies of the comparison, in table order, with their descriptions.
 LABELS = {"fedavg": "naive federated fine-tuning (no memory)",
           "fedavg-replay": "random real-image replay",
+          "fedavg-herding": "herding real-image replay",
           "fed-distill": "distilled replay (DM)",
           "fed-distill-server": "distilled replay + server memory"}
 
@@ -91,18 +92,28 @@ def _finished(settings: FedSettings, n_clients: int) -> bool:
 
 @contextmanager
 def _flower_log_level(level: int) -> Iterator[None]:
-    """Set the level of Flower's logger for the duration of the block."""
+    """Set the level of Flower's logger for the duration of the block, and drop its warning that federated
+    evaluation is skipped: the comparison evaluates the global model on the server, by design."""
     previous = FLOWER_LOGGER.level
     FLOWER_LOGGER.setLevel(level)
+    FLOWER_LOGGER.addFilter(_no_skipped_evaluation_warning)
     try:
         yield
     finally:
         FLOWER_LOGGER.setLevel(previous)
+        FLOWER_LOGGER.removeFilter(_no_skipped_evaluation_warning)
+
+
+def _no_skipped_evaluation_warning(record: logging.LogRecord) -> bool:
+    return "fraction_evaluate is set to 0.0" not in record.getMessage()
 
 
 def _mean_std(strategy: str, summaries: list[dict[str, Any]]) -> dict[str, Any]:
-    """One table row: every metric as (mean, population std) over the seeds' summaries."""
-    row: dict[str, Any] = {"run": strategy, "seeds": len(summaries)}
+    """One table row: every metric as (mean, population std) over the seeds' summaries, each seed's final average
+    accuracy, and the near-copies the audit flagged in the uploads of all seeds ("" when nothing was audited)."""
+    row: dict[str, Any] = {"run": strategy, "seeds": len(summaries),
+                           "seed_accuracy": [float(s["avg_accuracy"]) for s in summaries],
+                           "near_copies": total(s.get("near_copies", "") for s in summaries)}
     for key in ("avg_accuracy", "forgetting", "bwt", "uplink_bytes", "downlink_bytes"):
         values = [float(s[key]) for s in summaries]
         row[key] = (statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0)
@@ -110,9 +121,31 @@ def _mean_std(strategy: str, summaries: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def print_comparison(table: list[dict[str, Any]]) -> None:
-    """Print the table with each strategy's description, and distilled minus random replay when both ran."""
+    """Print the table with each strategy's description, then, for each distilled strategy against each
+    real-image replay that ran, who wins and by how much on each seed."""
     print(task_table([{**row, "run": f"{row['run']}: {LABELS.get(row['run'], '')}"} for row in table]))
+    for line in verdicts(table):
+        print(line)
+
+
+def verdicts(table: list[dict[str, Any]]) -> list[str]:
+    """One plain sentence per (distilled strategy, real-image replay) pair in the table: the gap in final average
+    accuracy on the mean and on each seed, and whether the distilled memory wins on every seed."""
     by_name = {row["run"]: row for row in table}
-    if {"fed-distill", "fedavg-replay"} <= set(by_name):
-        gain = by_name["fed-distill"]["avg_accuracy"][0] - by_name["fedavg-replay"]["avg_accuracy"][0]
-        print(f"distilled - random replay: {100 * gain:+.2f} points of final average accuracy (same memory)")
+    lines = []
+    for ours in ("fed-distill", "fed-distill-server"):
+        for theirs in ("fedavg-replay", "fedavg-herding"):
+            if {ours, theirs} <= set(by_name):
+                lines.append(_verdict(by_name[ours], by_name[theirs]))
+    return lines
+
+
+def _verdict(ours: dict[str, Any], theirs: dict[str, Any]) -> str:
+    gaps = [100 * (a - b) for a, b in zip(ours["seed_accuracy"], theirs["seed_accuracy"])]
+    mean = 100 * (ours["avg_accuracy"][0] - theirs["avg_accuracy"][0])
+    wins = sum(gap > 0 for gap in gaps)
+    outcome = ("wins on every seed" if wins == len(gaps) else "loses on every seed" if wins == 0
+               else f"wins on {wins} of {len(gaps)} seeds")
+    per_seed = ", ".join(f"{gap:+.2f}" for gap in gaps)
+    return (f"{ours['run']} - {theirs['run']}: {mean:+.2f} points of final average accuracy (seeds: {per_seed}); "
+            f"{ours['run']} {outcome} (same client memory: ipc images per class)")

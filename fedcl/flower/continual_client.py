@@ -6,10 +6,11 @@ The ClientApp (`fedcl.flower.client_app`) routes here when the run's scenario is
   DSA-augmented when the run sets `replay-dsa`;
 - `distill_task` (message `train.distill`, at the end of a task): distil the task's data into the memory
   (`fedcl.memory.DistilledMemory`, `ipc` images per class: the run's `distiller` for fed-distill, random real
-  images for fedavg-replay; private with `dp-epsilon`, charged to the client's `PrivacyLedger`) and, for
-  fed-distill-server, upload the new synthetic set.  With a `label-temperature` the new
-  set's labels become soft: half its one-hot labels, half the global model's (sent with the request) softmax of
-  logits / T over the classes met so far, as DER++ replays the predictions recorded when a sample entered memory.
+  images for fedavg-replay, real images chosen by herding for fedavg-herding; private with `dp-epsilon`, charged
+  to the client's `PrivacyLedger`) and, for fed-distill-server, upload the new synthetic set.  With a
+  `label-temperature` the new set's labels become soft: half its one-hot labels, half the global model's (sent
+  with the request) softmax of logits / T over the classes met so far, as DER++ replays the predictions recorded
+  when a sample entered memory.
   With `rehearsal-epochs` the client then trains the global model (sent with the request) on its memory alone
   and replies with the weights, which the server averages.
 The memory lives in the node's `Context.state` (so it survives across rounds and tasks in a simulation) and, when

@@ -153,17 +153,19 @@ def write_task_results(rows: list[dict[str, Any]], round_rows: list[dict[str, An
 
 
 def task_table(summaries: list[dict[str, Any]]) -> str:
-    """A markdown table of continual runs: final average accuracy, forgetting, BWT (%), traffic (MB).  Values
+    """A markdown table of continual runs: final average accuracy, forgetting, BWT (%), traffic (MB) and the
+    uploaded images the audit flags as near-copies of a client's data ("-": nothing uploaded or audited).  Values
     given as (mean, std) pairs print as mean +- std."""
     def cell(value: Any, scale: float, digits: int) -> str:
         if isinstance(value, tuple):
             return f"{scale * value[0]:.{digits}f} +- {scale * value[1]:.{digits}f}"
         return f"{scale * value:.{digits}f}"
 
-    lines = ["| strategy | final avg. accuracy % | forgetting % | BWT % | uplink MB | downlink MB |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| strategy | final avg. accuracy % | forgetting % | BWT % | uplink MB | downlink MB | near-copies |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for s in summaries:
+        copies = s.get("near_copies", "")
         lines.append(f"| {s['run']} | {cell(s['avg_accuracy'], 100, 2)} | {cell(s['forgetting'], 100, 2)} "
                      f"| {cell(s['bwt'], 100, 2)} | {cell(s['uplink_bytes'], 1e-6, 3)} "
-                     f"| {cell(s['downlink_bytes'], 1e-6, 3)} |")
+                     f"| {cell(s['downlink_bytes'], 1e-6, 3)} | {'-' if copies == '' else copies} |")
     return "\n".join(lines)

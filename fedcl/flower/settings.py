@@ -20,8 +20,8 @@ from typing import Any
 class Behaviour:
     """What a strategy name means: the server strategy that runs it ("fedavg", "fed-distill", "hybrid" or
     "continual"), in the continual scenario what fills the clients' memories ("distilled": the run's `distiller`,
-    "random": random real images, None: no memory), and whether the server keeps a global memory of the uploaded
-    sets."""
+    "random": random real images, "herding": real images chosen by herding, None: no memory), and whether the
+    server keeps a global memory of the uploaded sets."""
 
     server: str
     memory: str | None = None
@@ -35,6 +35,7 @@ BEHAVIOURS: dict[tuple[str, str], Behaviour] = {
     ("standard", "hybrid"): Behaviour("hybrid"),
     ("continual", "fedavg"): Behaviour("continual"),
     ("continual", "fedavg-replay"): Behaviour("continual", memory="random"),
+    ("continual", "fedavg-herding"): Behaviour("continual", memory="herding"),
     ("continual", "fed-distill"): Behaviour("continual", memory="distilled"),
     ("continual", "fed-distill-server"): Behaviour("continual", memory="distilled", server_memory=True),
 }
@@ -82,8 +83,9 @@ class FedSettings:
                                "in its own (per-client)", choices=TASK_ORDERS)
     strategy: str = _setting("fed-distill", f"standard: {', '.join(STRATEGIES)}; continual: "
                              f"{', '.join(CONTINUAL_STRATEGIES)} (fedavg = naive fine-tuning, fedavg-replay = random "
-                             "real-image replay, fed-distill = distilled replay, fed-distill-server = distilled "
-                             "replay plus the server's global memory)",
+                             "real-image replay, fedavg-herding = real images chosen by herding, fed-distill = "
+                             "distilled replay, fed-distill-server = distilled replay plus the server's global "
+                             "memory)",
                              choices=tuple(sorted({*STRATEGIES, *CONTINUAL_STRATEGIES})))
     num_rounds: int = _setting(1, "standard: federated rounds (1: one-shot FedDistill)", flag="--rounds")
     rounds_per_task: int = _setting(2, "continual: FedAvg rounds per task (memory strategies add one distillation "
@@ -202,9 +204,10 @@ class FedSettings:
 
     @property
     def memory_distiller(self) -> str | None:
-        """Continual scenario: the distiller that fills the clients' memories (the run's `distiller`, or "random"
-        real images) or None when the strategy keeps no memory."""
-        return {"distilled": self.distiller, "random": "random", None: None}[self.behaviour.memory]
+        """Continual scenario: the distiller that fills the clients' memories (the run's `distiller`, or the
+        "random" or "herding" choice of real images) or None when the strategy keeps no memory."""
+        return {"distilled": self.distiller, "random": "random", "herding": "herding",
+                None: None}[self.behaviour.memory]
 
     @property
     def distils(self) -> bool:
@@ -214,7 +217,8 @@ class FedSettings:
 
     @property
     def client_distiller(self) -> str:
-        """The distiller a client runs: `distiller` where the strategy distils, else the memory's ("random")."""
+        """The distiller a client runs: `distiller` where the strategy distils, else the memory's ("random" or
+        "herding")."""
         return self.distiller if self.distils else (self.memory_distiller or "random")
 
     @property
