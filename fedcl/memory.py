@@ -23,10 +23,16 @@ Three budgets:
 A held set may carry soft labels (a distribution per image, e.g. a model's predictions recorded by `relabel`);
 `labelled` hands them to replay, and compression keeps each kept image's own label (`carry_soft_labels`).
 
+A pool (`DistilledMemory.pool()`) has no budget: `put(key, synset, node=...)` stores a set validated elsewhere
+as it is (a federated server's pool of its clients' uploads, `strategies.memory.SyntheticMemory`), recording the
+node it came from, so the sets can be read by node (`by_node`).
+
 The memory is persisted as SyntheticSet safetensors blobs plus a JSON index (`dump` / `restore`), on disk
 (`save` / `load`, atomic writes) or in any key-value store such as a Flower client's `Context.state`; nothing is
-ever unpickled and every set is validated on the way back.  `fedcl.avalanche.DistilledBuffer` wraps this class
-for Avalanche; the federated continual client (`fedcl.flower.continual_client`) uses it directly.
+ever unpickled and every set is validated on the way back (against the receiver's limits, when given).  It is the
+one memory type and the one memory file format of fedcl: `fedcl.avalanche.DistilledBuffer` wraps this class for
+Avalanche, the federated continual client (`fedcl.flower.continual_client`) uses it directly, and the federated
+server keeps its pool in one and checkpoints it with `save` / `load` (`fedcl.flower.checkpoint`).
 """
 
 from __future__ import annotations
@@ -51,7 +57,8 @@ INDEX_FILE = "memory.json"
 #: the weight of the past is absorbed / (absorbed + new) up to this cap, an exponential moving average after it.
 HISTORY = 512
 #: What a set's metadata records about its place in memory; kept when the set is compressed or updated.
-BOOKKEEPING = ("task_label", "step", "absorbed")
+#: `node`: the federated client a pooled set came from (`put`).
+BOOKKEEPING = ("task_label", "step", "absorbed", "node")
 
 
 class DistilledMemory:
@@ -62,19 +69,22 @@ class DistilledMemory:
         `add`/`resize`, from the stored synthetic images), "herding" (herding within them, pixel features) or
         "truncate" (the first images of each class).
     seed: seed of the herding compression.
+    unbudgeted: no budget at all (give none): a pool of sets stored as they are with `put`; `pool()` makes one.
     """
 
     def __init__(self, max_size: int | None = None, *, images_per_class: int | None = None,
-                 mem_bytes: int | None = None, compress: str = "redistill", seed: int = 0) -> None:
+                 mem_bytes: int | None = None, compress: str = "redistill", seed: int = 0,
+                 unbudgeted: bool = False) -> None:
         budgets = {"max_size": max_size, "images_per_class": images_per_class, "mem_bytes": mem_bytes}
-        if sum(v is not None for v in budgets.values()) != 1:
+        if sum(v is not None for v in budgets.values()) != (0 if unbudgeted else 1):
             raise ValueError("give exactly one memory budget: max_size (total images), images_per_class or "
-                             f"mem_bytes (total bytes); got {budgets}")
+                             f"mem_bytes (total bytes), or none for an unbudgeted pool; got {budgets}")
         if any(v is not None and v < 1 for v in budgets.values()):
             raise ValueError(f"memory budget must be >= 1, got {budgets}")
         if compress not in COMPRESSIONS:
             raise ValueError(f"compress must be one of {COMPRESSIONS}, got {compress!r}")
         self.max_size, self.images_per_class, self.mem_bytes = max_size, images_per_class, mem_bytes
+        self.unbudgeted = bool(unbudgeted)
         #: (bytes per stored image, bytes per set) of the stored form under `mem_bytes`, from `stored_cost`.
         self.cost: tuple[int, int] | None = None
         self.compress, self.seed = compress, int(seed)
@@ -84,6 +94,12 @@ class DistilledMemory:
         self.history: list[dict[str, Any]] = []
         #: Counts `add` / `absorb` calls; every set records the step that last updated it (the eviction order).
         self.step = 0
+
+    @classmethod
+    def pool(cls) -> DistilledMemory:
+        """An unbudgeted memory: sets validated elsewhere are stored as they are (`put`), never distilled, compressed
+        or dropped by the memory itself."""
+        return cls(unbudgeted=True)
 
     # ------------------------------------------------------------------ what is held
     def __len__(self) -> int:
@@ -102,9 +118,26 @@ class DistilledMemory:
         """Bytes of the held sets in their stored form."""
         return sum(s.nbytes for s in self.sets.values())
 
+    def by_node(self) -> dict[int, list[SyntheticSet]]:
+        """The held sets by the node recorded by `put`: nodes in the order of their first held set, each node's
+        sets in key order.  SyntheticSetError when a set records no valid node."""
+        nodes: dict[int, list[SyntheticSet]] = {}
+        for key in sorted(self.sets):
+            nodes.setdefault(node_of(self.sets[key]), []).append(self.sets[key])
+        return nodes
+
+    def keys_of(self, node: int) -> list[int]:
+        """The keys of the sets `put` stored from `node`, in order."""
+        return [key for key in sorted(self.sets) if self.sets[key].meta.extra.get("node") == int(node)]
+
+    def next_key(self) -> int:
+        """A key above every held one."""
+        return max(self.sets, default=-1) + 1
+
     def ipc_for(self, n_groups: int) -> int:
         """Images per class for `n_groups` classes under the budget: the images it allows // n_groups, at least 1.
         With more classes than the budget holds, `fit_budget` then drops the least recently updated ones."""
+        self._budgeted("distil into it")
         if self.images_per_class is not None:
             return self.images_per_class
         return max(1, self.total_images(n_groups) // max(1, n_groups))
@@ -120,7 +153,9 @@ class DistilledMemory:
         return max(0, self.mem_bytes - max(1, n_groups) * per_set) // per_image
 
     def capacity(self) -> int:
-        """The most images the budget allows for the classes held now."""
+        """The most images the budget allows for the classes held now (a pool: the images it holds)."""
+        if self.unbudgeted:
+            return len(self)
         if self.images_per_class is not None:
             return self.images_per_class * self.n_groups
         return self.total_images(self.n_groups)
@@ -156,10 +191,30 @@ class DistilledMemory:
         return torch.cat([s.images for s in ordered]), torch.cat(labels)
 
     # ------------------------------------------------------------------ changing it
+    def _budgeted(self, doing: str) -> None:
+        if self.unbudgeted:
+            raise ValueError(f"an unbudgeted pool stores sets as they are (put); it cannot {doing}")
+
+    def put(self, key: int, synset: SyntheticSet, *, node: int, task: int = 0) -> SyntheticSet:
+        """Store `synset` (validated by the caller, e.g. against a server's limits) under `key` as it is, replacing
+        any set held there; its metadata records the `node` it came from, the `task` and this step (any such
+        bookkeeping the set arrived with is replaced).  Under a budget, `fit_budget` follows.  Returns the stored
+        set."""
+        if isinstance(node, bool) or int(node) < 0:
+            raise ValueError(f"node must be a non-negative integer, got {node!r}")
+        foreign = {k: v for k, v in synset.meta.extra.items() if k not in BOOKKEEPING}
+        self.step += 1
+        stored = recorded(replace(synset, meta=replace(synset.meta, extra=foreign)), task=task, step=self.step,
+                          node=node)
+        self.sets[int(key)] = stored
+        self.fit_budget()
+        return self.sets.get(int(key), stored)
+
     def add(self, key: int, images: torch.Tensor, labels: torch.Tensor, distiller: Distiller, *, n_classes: int,
             source: Source | None = None, task: int = 0) -> SyntheticSet:
         """Distil (images, labels) into the set held under `key` (replacing any earlier one), first compressing
         the other sets to make room; return the new set."""
+        self._budgeted("distil into it")
         new_groups = len(torch.unique(labels))
         self.measure(images, distiller)
         previous = self.sets.pop(int(key), None)
@@ -249,7 +304,7 @@ class DistilledMemory:
         """Under `max_size` or `mem_bytes`, drop whole classes - least recently updated first, ties by key then
         class id - until the memory holds at most max_size images or mem_bytes bytes; return the (key, class) pairs
         dropped."""
-        if self.images_per_class is not None:
+        if self.images_per_class is not None or self.unbudgeted:
             return []
         order = sorted((recency(s), key, c) for key, s in self.sets.items() for c in s.classes())
         dropped = []
@@ -280,6 +335,7 @@ class DistilledMemory:
         and below one image per class the least recently updated classes are dropped."""
         if new_size < 1:
             raise ValueError(f"memory budget must be >= 1, got {new_size}")
+        self._budgeted("be resized")
         self.max_size, self.images_per_class, self.mem_bytes = new_size, None, None
         if self.sets:
             self.shrink_to(self.ipc_for(self.n_groups), distiller)
@@ -318,9 +374,11 @@ class DistilledMemory:
         blobs = {name: self.sets[int(key)].to_bytes() for key, name in files.items()}
         return {INDEX_FILE: json.dumps(index).encode(), **blobs}
 
-    def restore(self, blobs: dict[str, bytes]) -> dict[str, Any]:
-        """Replace the held sets with those in `blobs` (made by `dump`; validated, never unpickled); return the
-        index (with any `extra` keys given to `dump`).  The budget stays this memory's own."""
+    def restore(self, blobs: dict[str, bytes], **limits: Any) -> dict[str, Any]:
+        """Replace the held sets with those in `blobs` (made by `dump`; validated, never unpickled, and checked
+        against `limits` - `SyntheticSet.validate`'s image_shape, n_classes, max_images, max_bytes - when given);
+        return the index (with any `extra` keys given to `dump`).  The budget stays this memory's own; a pool needs
+        every set to record its node."""
         try:
             index = json.loads(blobs[INDEX_FILE])
             files = {int(k): str(v) for k, v in index["files"].items()}
@@ -333,10 +391,12 @@ class DistilledMemory:
             if name not in blobs:
                 raise SyntheticSetError(f"memory index names {name!r}, which is missing")
             try:
-                sets[key] = SyntheticSet.from_bytes(blobs[name])
+                sets[key] = SyntheticSet.from_bytes(blobs[name], **limits)
+                task_label(sets[key])  # fail early on a set without a usable task label
+                if self.unbudgeted or "node" in sets[key].meta.extra:
+                    node_of(sets[key])
             except SyntheticSetError as err:
                 raise SyntheticSetError(f"{name}: {err}") from None
-            task_label(sets[key])  # fail early on a set without a usable task label
         self.sets = sets
         self.step = max([recency(s) for s in sets.values()] + [self.step])
         return index
@@ -351,8 +411,9 @@ class DistilledMemory:
         atomic_write(directory / INDEX_FILE, lambda f: f.write(index))  # last: it names only complete files
         return directory
 
-    def load(self, directory: str | Path) -> dict[str, Any]:
-        """Restore a memory written by `save`; return its index.  SyntheticSetError names what is wrong."""
+    def load(self, directory: str | Path, **limits: Any) -> dict[str, Any]:
+        """Restore a memory written by `save` (sets checked against `limits`, as in `restore`); return its index.
+        SyntheticSetError names what is wrong."""
         directory = Path(directory)
         try:
             blobs = {INDEX_FILE: (directory / INDEX_FILE).read_bytes()}
@@ -361,7 +422,7 @@ class DistilledMemory:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise SyntheticSetError(f"{directory / INDEX_FILE} is missing or malformed: {err}") from None
         try:
-            return self.restore(blobs)
+            return self.restore(blobs, **limits)
         except SyntheticSetError as err:
             raise SyntheticSetError(f"{directory}: {err}") from None
 
@@ -407,8 +468,8 @@ def carry_soft_labels(original: SyntheticSet, compressed: SyntheticSet) -> Synth
 
 
 def recorded(synset: SyntheticSet, **fields: int) -> SyntheticSet:
-    """The set with BOOKKEEPING `fields` (task=..., step=..., absorbed=...) recorded in its metadata."""
-    names = {"task": "task_label", "step": "step", "absorbed": "absorbed"}
+    """The set with BOOKKEEPING `fields` (task=..., step=..., absorbed=..., node=...) recorded in its metadata."""
+    names = {"task": "task_label", "step": "step", "absorbed": "absorbed", "node": "node"}
     extra = {**synset.meta.extra, **{names[k]: int(v) for k, v in fields.items()}}
     return replace(synset, meta=replace(synset.meta, extra=extra))
 
@@ -467,6 +528,15 @@ def task_label(synset: SyntheticSet) -> int:
     value = synset.meta.extra.get("task_label", 0)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise SyntheticSetError(f"metadata extra.task_label must be a non-negative integer, got {value!r}")
+    return value
+
+
+def node_of(synset: SyntheticSet) -> int:
+    """The node recorded by `put`; SyntheticSetError when there is none or it is not a non-negative integer."""
+    value = synset.meta.extra.get("node")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SyntheticSetError(f"metadata extra.node must be a non-negative integer (the node a pooled set came "
+                                f"from), got {value!r}")
     return value
 
 

@@ -15,7 +15,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedcl.data import ClassIndex
-from fedcl.flower.protocol import ARRAYS, MEMORY_IMAGES, METRICS, REHEARSAL_EXAMPLES, SYNTHETIC_KEY, TASK
+from fedcl.flower.protocol import ARRAYS, MAX_COUNT, MEMORY_IMAGES, METRICS, REHEARSAL_EXAMPLES, SYNTHETIC_KEY, TASK
 from fedcl.flower.records import max_set_bytes, synset_to_record
 from fedcl.runtime import generator as make_generator
 from fedcl.synthetic import SyntheticMeta, SyntheticSet
@@ -23,7 +23,7 @@ from fedcl.train import TrainConfig
 from strategies.boundary import admit, array_problem, layout, metric_problem
 from strategies.fed_distill import distill_reply_problem, distill_requests
 from strategies.memory import SyntheticMemory, train_on_memory
-from strategies.metered import Metered
+from strategies.metered import Metered, MetricsAggregation
 
 
 @dataclass(frozen=True)
@@ -108,8 +108,10 @@ class ContinualFedAvg(Metered, FedAvg):
         server that holds the training split, as in simulations); the counts by round are `memory.near_copies`.
     max_examples : int
         As in `strategies.metered.Metered`: the most examples one reply may weigh (larger claims are clipped).
-    fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes, ... :
-        As in Flower's `FedAvg`.
+    fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes, weighted_by_key,
+    arrayrecord_key, configrecord_key, train_metrics_aggr_fn, evaluate_metrics_aggr_fn :
+        As in Flower's `FedAvg`, with its defaults (1.0, 1.0, 2, 2, 2, "num-examples", "arrays", "config", None,
+        None), and passed to it: an unknown keyword is a TypeError.
     """
 
     def __init__(self, *, schedule: TaskSchedule, image_shape: tuple[int, int, int], n_classes: int,
@@ -118,12 +120,21 @@ class ContinualFedAvg(Metered, FedAvg):
                  distill_with_model: bool = False, rehearse: bool = False, slice_ipc: int = 10,
                  max_images_per_client: int = 10_000, max_bytes_per_client: int | None = None,
                  pixel_range: tuple[float, float] | None = None, device: str = "auto", seed: int = 0,
-                 audit: Callable[[SyntheticSet], int] | None = None, **fedavg_options) -> None:
-        super().__init__(**fedavg_options)
+                 max_examples: int = MAX_COUNT, audit: Callable[[SyntheticSet], int] | None = None,
+                 fraction_train: float = 1.0, fraction_evaluate: float = 1.0, min_train_nodes: int = 2,
+                 min_evaluate_nodes: int = 2, min_available_nodes: int = 2, weighted_by_key: str = "num-examples",
+                 arrayrecord_key: str = "arrays", configrecord_key: str = "config",
+                 train_metrics_aggr_fn: MetricsAggregation | None = None,
+                 evaluate_metrics_aggr_fn: MetricsAggregation | None = None) -> None:
         if server_memory and not schedule.distill_round:
             raise ValueError("a server memory needs a distillation round at the end of every task")
         if rehearse and not schedule.distill_round:
             raise ValueError("rehearsal happens in the distillation round at the end of every task")
+        super().__init__(max_examples=max_examples, fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
+                         min_train_nodes=min_train_nodes, min_evaluate_nodes=min_evaluate_nodes,
+                         min_available_nodes=min_available_nodes, weighted_by_key=weighted_by_key,
+                         arrayrecord_key=arrayrecord_key, configrecord_key=configrecord_key,
+                         train_metrics_aggr_fn=train_metrics_aggr_fn, evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn)
         self.schedule, self.server_memory, self.slice_ipc = schedule, server_memory, slice_ipc
         self.distill_with_model, self.rehearse = distill_with_model or rehearse, rehearse
         self.model, self.model_cfg, self.finetune_config = model, dict(model_cfg or {}), finetune_config

@@ -12,6 +12,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedcl.flower.protocol import (
     DISTILL_MESSAGE,
+    MAX_COUNT,
     MEMORY_IMAGES,
     META_KEY,
     METRICS,
@@ -25,7 +26,7 @@ from fedcl.synthetic import SyntheticSet
 from fedcl.train import TrainConfig
 from strategies.boundary import admit, metric_problem, record_problem
 from strategies.memory import SyntheticMemory, train_on_memory
-from strategies.metered import Metered
+from strategies.metered import Metered, MetricsAggregation
 
 
 class FedDistill(Metered, FedAvg):
@@ -81,7 +82,9 @@ class FedDistill(Metered, FedAvg):
         As in `strategies.metered.Metered`: the most examples one reply may weigh (larger claims are clipped).
     fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes, weighted_by_key,
     arrayrecord_key, configrecord_key, train_metrics_aggr_fn, evaluate_metrics_aggr_fn :
-        As in Flower's `FedAvg`; evaluation (client-side accuracy of the global model) works the same way.
+        As in Flower's `FedAvg`, with its defaults (1.0, 1.0, 2, 2, 2, "num-examples", "arrays", "config", None,
+        None), and passed to it: an unknown keyword is a TypeError.  Evaluation (client-side accuracy of the
+        global model) works as in FedAvg.
     """
 
     def __init__(self, *, image_shape: tuple[int, int, int], n_classes: int, model: str = "convnet",
@@ -90,9 +93,18 @@ class FedDistill(Metered, FedAvg):
                  pixel_range: tuple[float, float] | None = None, screen: str = "none",
                  screen_threshold: float = EmbeddingScreen.threshold, guide_with_global: bool = True,
                  device: str = "auto", seed: int = 0, audit: Callable[[SyntheticSet], int] | None = None,
-                 **fedavg_options) -> None:
-        super().__init__(**fedavg_options)
+                 max_examples: int = MAX_COUNT,
+                 fraction_train: float = 1.0, fraction_evaluate: float = 1.0, min_train_nodes: int = 2,
+                 min_evaluate_nodes: int = 2, min_available_nodes: int = 2, weighted_by_key: str = "num-examples",
+                 arrayrecord_key: str = "arrays", configrecord_key: str = "config",
+                 train_metrics_aggr_fn: MetricsAggregation | None = None,
+                 evaluate_metrics_aggr_fn: MetricsAggregation | None = None) -> None:
         self.model, self.model_cfg, self.train_config = model, dict(model_cfg or {}), train_config
+        super().__init__(max_examples=max_examples, fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
+                         min_train_nodes=min_train_nodes, min_evaluate_nodes=min_evaluate_nodes,
+                         min_available_nodes=min_available_nodes, weighted_by_key=weighted_by_key,
+                         arrayrecord_key=arrayrecord_key, configrecord_key=configrecord_key,
+                         train_metrics_aggr_fn=train_metrics_aggr_fn, evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn)
         self.guide_with_global, self.device, self.seed = guide_with_global, device, seed
         self.memory = SyntheticMemory(
             image_shape=image_shape, n_classes=n_classes, policy=memory, max_images=max_images_per_client,

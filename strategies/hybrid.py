@@ -10,7 +10,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedcl.flower.protocol import DISTILL_MESSAGE, MEMORY_IMAGES
+from fedcl.flower.protocol import DISTILL_MESSAGE, MAX_COUNT, MEMORY_IMAGES
 from fedcl.flower.records import max_set_bytes
 from fedcl.screen import EmbeddingScreen, create_screen
 from fedcl.synthetic import SyntheticSet
@@ -18,7 +18,7 @@ from fedcl.train import TrainConfig
 from strategies.boundary import admit
 from strategies.fed_distill import distill_reply_problem, distill_requests
 from strategies.memory import SyntheticMemory, train_on_memory
-from strategies.metered import Metered
+from strategies.metered import Metered, MetricsAggregation
 
 
 class FedAvgDistill(Metered, FedAvg):
@@ -69,7 +69,8 @@ class FedAvgDistill(Metered, FedAvg):
         As in `strategies.metered.Metered`: the most examples one reply may weigh (larger claims are clipped).
     fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes, weighted_by_key,
     arrayrecord_key, configrecord_key, train_metrics_aggr_fn, evaluate_metrics_aggr_fn :
-        As in Flower's `FedAvg`.
+        As in Flower's `FedAvg`, with its defaults (1.0, 1.0, 2, 2, 2, "num-examples", "arrays", "config", None,
+        None), and passed to it: an unknown keyword is a TypeError.
     """
 
     def __init__(self, *, image_shape: tuple[int, int, int], n_classes: int, model: str = "convnet",
@@ -78,9 +79,18 @@ class FedAvgDistill(Metered, FedAvg):
                  max_images_per_client: int = 10_000, max_bytes_per_client: int | None = None,
                  pixel_range: tuple[float, float] | None = None, screen: str = "none",
                  screen_threshold: float = EmbeddingScreen.threshold, device: str = "auto", seed: int = 0,
-                 audit: Callable[[SyntheticSet], int] | None = None, **fedavg_options) -> None:
-        super().__init__(**fedavg_options)
+                 audit: Callable[[SyntheticSet], int] | None = None, max_examples: int = MAX_COUNT,
+                 fraction_train: float = 1.0, fraction_evaluate: float = 1.0, min_train_nodes: int = 2,
+                 min_evaluate_nodes: int = 2, min_available_nodes: int = 2, weighted_by_key: str = "num-examples",
+                 arrayrecord_key: str = "arrays", configrecord_key: str = "config",
+                 train_metrics_aggr_fn: MetricsAggregation | None = None,
+                 evaluate_metrics_aggr_fn: MetricsAggregation | None = None) -> None:
         self.model, self.model_cfg, self.finetune_config = model, dict(model_cfg or {}), finetune_config
+        super().__init__(max_examples=max_examples, fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
+                         min_train_nodes=min_train_nodes, min_evaluate_nodes=min_evaluate_nodes,
+                         min_available_nodes=min_available_nodes, weighted_by_key=weighted_by_key,
+                         arrayrecord_key=arrayrecord_key, configrecord_key=configrecord_key,
+                         train_metrics_aggr_fn=train_metrics_aggr_fn, evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn)
         self.distill_rounds, self.device, self.seed = tuple(distill_rounds), device, seed
         self.memory = SyntheticMemory(
             image_shape=image_shape, n_classes=n_classes, policy=memory, max_images=max_images_per_client,

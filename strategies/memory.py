@@ -1,17 +1,22 @@
-"""The server's pooled memory of clients' synthetic sets, and training a global model on it."""
+"""The server's pool of clients' synthetic sets at the Flower-reply boundary, and training a global model on it.
+
+The sets themselves live in a core `fedcl.memory.DistilledMemory` pool (`SyntheticMemory.store`), the one memory
+type and file format of fedcl; this module only turns Flower replies into validated sets (decoding, pixel range,
+screen, audit, reported privacy budget, failures in the traffic log) and applies the "all" / "latest" policy.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Message
 
 from fedcl.flower.protocol import EPSILON_SPENT, METRICS, SYNTHETIC_IMAGES, SYNTHETIC_KEY
 from fedcl.flower.records import arrays_to_model, model_to_arrays, synset_from_record
+from fedcl.memory import DistilledMemory
 from fedcl.models import create_model
 from fedcl.screen import EmbeddingScreen
 from fedcl.synthetic import SyntheticSet, SyntheticSetError
@@ -27,7 +32,8 @@ def declares_nothing(reply: Message) -> bool:
 
 
 class SyntheticMemory:
-    """Validated synthetic sets by client node: every set ever received ("all") or each client's "latest".
+    """Validated synthetic sets by client node: every set ever received ("all") or each client's "latest", held in
+    `store`, an unbudgeted core `DistilledMemory` (`DistilledMemory.pool()`) that records each set's node.
 
     image_shape / n_classes: what every set must match.  max_images / max_bytes: per-set ceilings; a set above
     them is rejected as oversize.  pixel_range: (lowest, highest) pixel value a set may hold (None: any finite
@@ -47,7 +53,7 @@ class SyntheticMemory:
         self.image_shape, self.n_classes, self.policy = tuple(image_shape), n_classes, policy
         self.max_images, self.max_bytes, self.screen = max_images, max_bytes, screen
         self.pixel_range, self.audit = pixel_range, audit
-        self.sets: dict[int, list[SyntheticSet]] = {}
+        self.store = DistilledMemory.pool()
         self.near_copies: dict[int, int] = {}
         self.epsilon: dict[int, float] = {}
 
@@ -115,51 +121,40 @@ class SyntheticMemory:
                                     f"[{low:.3g}, {high:.3g}] (the dataset's normalised range plus a margin)")
 
     def add(self, node: int, synset: SyntheticSet) -> None:
-        """Store a (validated) set from `node` under the memory policy."""
-        kept = self.sets.get(node, []) if self.policy == "all" else []
-        self.sets[node] = [*kept, synset]
+        """Store a (validated) set from `node` under the memory policy: "latest" replaces the node's set in its
+        place, "all" adds it after every set held."""
+        held = self.store.keys_of(node) if self.policy == "latest" else []
+        for key in held[1:]:
+            del self.store.sets[key]
+        self.store.put(held[0] if held else self.store.next_key(), synset, node=node)
+
+    @property
+    def sets(self) -> dict[int, list[SyntheticSet]]:
+        """The stored sets by node (a view: change them through `add`)."""
+        return self.store.by_node()
 
     def __len__(self) -> int:
-        return sum(len(s) for sets in self.sets.values() for s in sets)
+        return len(self.store)
 
-    def save(self, directory: str | Path) -> dict[str, list[str]]:
-        """Write every stored set into `directory` (once: files are named by node and content hash) and return the
-        index that `restore` needs: {node: [file names, in arrival order]}."""
-        directory, index = Path(directory), {}
-        for node, sets in self.sets.items():
-            index[str(node)] = []
-            for synset in sets:
-                name = f"{node}-{hashlib.sha256(synset.to_bytes()).hexdigest()[:16]}.safetensors"
-                if not (directory / name).is_file():
-                    synset.save(directory / name)
-                index[str(node)].append(name)
-        return index
+    @property
+    def limits(self) -> dict[str, Any]:
+        """What every set must match (`SyntheticSet.validate`'s limits), here and when restored from disk."""
+        return {"image_shape": self.image_shape, "n_classes": self.n_classes, "max_images": self.max_images,
+                "max_bytes": self.max_bytes}
 
-    def restore(self, directory: str | Path, index: Mapping[str, list[str]]) -> None:
-        """Replace the stored sets by those `save` wrote; each file is validated against this memory's limits.
-        Raise ValueError (SyntheticSetError for a bad set file) naming the problem."""
-        if not isinstance(index, Mapping):
-            raise ValueError(f"memory index must map nodes to file lists, got {type(index).__name__}")
-        sets: dict[int, list[SyntheticSet]] = {}
-        for node, names in index.items():
-            if not (isinstance(node, str) and node.isascii() and node.isdigit() and isinstance(names, list)):
-                raise ValueError(f"memory index entry {node!r} is malformed")
-            for name in names:
-                if not isinstance(name, str) or not _SET_FILE.fullmatch(name) or not name.startswith(f"{node}-"):
-                    raise ValueError(f"memory index names {name!r}, not a set file of node {node}")
-                sets.setdefault(int(node), []).append(SyntheticSet.load(
-                    Path(directory) / name, image_shape=self.image_shape, n_classes=self.n_classes,
-                    max_images=self.max_images, max_bytes=self.max_bytes))
-        self.sets = sets
+    def save(self, directory: str | Path) -> Path:
+        """Write the stored sets under `directory` in the core memory format (`DistilledMemory.save`)."""
+        return self.store.save(directory)
+
+    def load(self, directory: str | Path) -> None:
+        """Replace the stored sets by those `save` wrote, each validated against this memory's `limits` and
+        recording its node; SyntheticSetError names the problem."""
+        self.store.load(directory, **self.limits)
 
     def pooled(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All stored images and hard labels, concatenated."""
+        """All stored images and hard labels, concatenated (node by node, each node's sets in arrival order)."""
         sets = [s.decode() for group in self.sets.values() for s in group]
         return torch.cat([s.images for s in sets]), torch.cat([s.hard_labels for s in sets])
-
-
-#: Names of the set files `SyntheticMemory.save` writes: node id, dash, 16 hex digits of the content hash.
-_SET_FILE = re.compile(r"[0-9]+-[0-9a-f]{16}\.safetensors")
 
 
 def train_on_memory(arrays: ArrayRecord, memory: SyntheticMemory, *, model: str, model_cfg: dict,

@@ -12,12 +12,12 @@ It adds, through the strategy hooks Flower defines (each calling `super()`):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
@@ -25,6 +25,9 @@ from flwr.serverapp.strategy import Result, Strategy
 from fedcl.flower.protocol import COUNT, MAX_COUNT
 from strategies.boundary import Layout, admit, agreeing, array_problem, clip_count, layout, metric_problem, most_common
 from strategies.traffic import MeteredGrid, TrafficLog
+
+#: The type of Flower's `FedAvg` options `train_metrics_aggr_fn` and `evaluate_metrics_aggr_fn`.
+MetricsAggregation = Callable[[list[RecordDict], str], MetricRecord]
 
 
 class Metered:

@@ -208,7 +208,7 @@ def test_server_sends_each_client_a_slice_of_the_classes_it_never_had():
     meta = SyntheticMeta(method="dm", n_classes=10, ipc=3)
     for node, classes in ((11, [0, 1]), (12, [1, 2, 3])):
         labels = torch.tensor(classes).repeat_interleave(3)
-        strategy.memory.sets[node] = [SyntheticSet(torch.randn(len(labels), 1, 8, 8), labels, meta)]
+        strategy.memory.add(node, SyntheticSet(torch.randn(len(labels), 1, 8, 8), labels, meta))
     for node, expected in ((11, [2, 3]), (12, [0]), (13, [0, 1, 2, 3])):
         msg = Message(content=RecordDict({"config": ConfigRecord({"task": 1})}), dst_node_id=node,
                       message_type="train")

@@ -37,7 +37,7 @@ def _csv(path: Path) -> list[dict[str, str]]:
 
 
 def _uploaded_sets(out: Path) -> list[SyntheticSet]:
-    return [SyntheticSet.load(p) for p in sorted((out / "checkpoint" / "memory").glob("*.safetensors"))]
+    return [SyntheticSet.load(p) for p in sorted((out / "checkpoint").glob("memory-*/*.safetensors"))]
 
 
 @pytest.mark.parametrize("init, private", [("noise", True), ("real", False)])

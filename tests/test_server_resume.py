@@ -81,18 +81,20 @@ def test_no_checkpoint_is_none_and_other_settings_are_refused(tmp_path, csv_row)
 
 def test_a_later_checkpoint_removes_files_it_no_longer_names(tmp_path, csv_row):
     settings, memory, arrays = _saved(tmp_path, csv_row)
-    memory.policy = "latest"
-    memory.sets = {11: memory.sets[11][-1:]}
+    del memory.store.sets[memory.store.keys_of(12)[0]]
     save_checkpoint(tmp_path, settings=settings, server_round=3, arrays=arrays,
                     rows=[csv_row(r) for r in range(4)], traffic=TrafficLog(), memory=memory)
     directory = tmp_path / "checkpoint"
     assert [p.name for p in directory.glob("model-*")] == ["model-0003.safetensors"]
-    assert len(list((directory / "memory").glob("*.safetensors"))) == 1
+    assert [p.name for p in directory.glob("memory-*")] == ["memory-0003"]
+    assert len(list((directory / "memory-0003").glob("*.safetensors"))) == 2
 
 
 def _memory_files(out: Path) -> dict[str, str]:
+    """{set file name: SHA-256} of the memory folder the committed checkpoint names."""
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted((out / "checkpoint" / "memory").glob("*.safetensors"))}
+            for p in sorted((out / "checkpoint" / state["memory"]).glob("*.safetensors"))}
 
 
 def _simulate(out: Path, *extra: str) -> subprocess.Popen:

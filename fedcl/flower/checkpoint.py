@@ -3,14 +3,16 @@
 After every completed round the ServerApp writes, under `OUT/checkpoint/`:
 
 - `model-RRRR.safetensors`: the global model's arrays after round RRRR;
-- `memory/NODE-HASH.safetensors` (+ `.json`): the pooled synthetic sets (SyntheticSet files, each written once and
-  named by its content hash, so a set's file never changes once written);
-- `state.json`: the round, the settings, the rounds.csv rows so far, the traffic counters and the memory index.
+- `memory-RRRR/`: the pooled synthetic sets after round RRRR, in the core memory format (`fedcl.memory`'s
+  `DistilledMemory.save`: one SyntheticSet safetensors file per set and the `memory.json` index), written whole
+  into a folder of its own, so the folder of the last committed checkpoint is never touched;
+- `state.json`: the round, the settings, the rounds.csv rows so far, the traffic counters and the name of the
+  memory folder.
 
 `state.json` is written last and atomically: it is the commit point, so a crash at any moment leaves the previous
-complete checkpoint readable.  Files it no longer names are removed afterwards.  Loading treats every file as
-untrusted (JSON and safetensors only, every value type-checked, arrays checked against the model, sets validated)
-and raises `CheckpointError` naming the problem.
+complete checkpoint readable.  Files and folders it no longer names are removed afterwards.  Loading treats every
+file as untrusted (JSON and safetensors only, every value type-checked, arrays checked against the model, every set
+validated against the strategy's limits) and raises `CheckpointError` naming the problem.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import math
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,10 +41,11 @@ from strategies import SyntheticMemory, TrafficLog
 #: Where under the run's out_dir the checkpoint lives, and its commit file.
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.json"
-_FORMAT = 1
+_FORMAT = 2
 #: Settings a resumed run may change (everything else must match the checkpoint).
 RESUMABLE_CHANGES = frozenset({"resume", "num-rounds", "out-dir", "device", "round-timeout", "data-root"})
 _MODEL_FILE = re.compile(r"model-[0-9]{4,}\.safetensors")
+_MEMORY_DIR = re.compile(r"memory-[0-9]{4,}")
 _MAX_STATE_BYTES = 64 * 2**20
 _MAX_MODEL_BYTES = 4 * 2**30
 
@@ -69,11 +73,14 @@ def save_checkpoint(out_dir: str | os.PathLike[str], *, settings: dict[str, Any]
     model_file = f"model-{server_round:04d}.safetensors"
     payload = st_save({name: torch.from_numpy(np.array(a.numpy(), copy=True)) for name, a in arrays.items()})
     atomic_write(directory / model_file, lambda f: f.write(payload))
-    index = memory.save(directory / "memory") if memory is not None else {}
+    memory_dir = f"memory-{server_round:04d}" if memory is not None else None
+    if memory is not None:
+        shutil.rmtree(directory / memory_dir, ignore_errors=True)  # left by a crash before this round's commit
+        memory.save(directory / memory_dir)
     write_json(directory / STATE_FILE, {"format": _FORMAT, "round": server_round, "settings": settings,
-                                        "model": model_file, "memory": index, "rows": rows,
+                                        "model": model_file, "memory": memory_dir, "rows": rows,
                                         "traffic": traffic.to_json()})
-    _remove_unreferenced(directory, model_file, index)
+    _remove_unreferenced(directory, model_file, memory_dir)
     return directory / STATE_FILE
 
 
@@ -92,9 +99,11 @@ def load_checkpoint(out_dir: str | os.PathLike[str], *, settings: dict[str, Any]
     _check_settings(state["settings"], settings)
     try:
         traffic = TrafficLog.from_json(state["traffic"])
-        if memory is not None:
-            memory.restore(directory / "memory", state["memory"])
-        elif state["memory"]:
+        if memory is not None and state["memory"] is not None:
+            memory.load(directory / state["memory"])
+        elif memory is not None:
+            raise ValueError("it holds no synthetic memory but this run's strategy keeps one")
+        elif state["memory"] is not None:
             raise ValueError("it holds a synthetic memory but this run's strategy keeps none")
     except ValueError as err:
         raise CheckpointError(f"checkpoint {path}: {err}") from None
@@ -103,7 +112,7 @@ def load_checkpoint(out_dir: str | os.PathLike[str], *, settings: dict[str, Any]
 
 
 def _read_state(path: Path) -> dict[str, Any]:
-    """state.json parsed and type-checked (round, settings, model file name, memory index, rows, traffic)."""
+    """state.json parsed and type-checked (round, settings, model file name, memory folder, rows, traffic)."""
     if path.stat().st_size > _MAX_STATE_BYTES:
         raise CheckpointError(f"checkpoint {path} is oversize ({path.stat().st_size} bytes)")
     try:
@@ -122,6 +131,9 @@ def _read_state(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path}: settings must be a JSON object")
     if not isinstance(state["model"], str) or not _MODEL_FILE.fullmatch(state["model"]):
         raise CheckpointError(f"checkpoint {path}: model must name a model-RRRR.safetensors file")
+    if state["memory"] is not None and not (isinstance(state["memory"], str)
+                                            and _MEMORY_DIR.fullmatch(state["memory"])):
+        raise CheckpointError(f"checkpoint {path}: memory must name a memory-RRRR folder or be null")
     rows = state["rows"]
     if not (isinstance(rows, list) and len(rows) == server_round + 1
             and all(_is_row(row, i) for i, row in enumerate(rows))):
@@ -169,13 +181,11 @@ def _read_arrays(path: Path, reference: ArrayRecord) -> ArrayRecord:
     return ArrayRecord({name: Array(tensors[name].numpy()) for name in reference})
 
 
-def _remove_unreferenced(directory: Path, model_file: str, index: dict[str, list[str]]) -> None:
-    """Delete model files other than `model_file` and memory files the index no longer names."""
+def _remove_unreferenced(directory: Path, model_file: str, memory_dir: str | None) -> None:
+    """Delete model files other than `model_file` and memory folders other than `memory_dir`."""
     for old in directory.glob("model-*.safetensors"):
         if old.name != model_file:
             old.unlink(missing_ok=True)
-    kept = {name for names in index.values() for name in names}
-    for old in (directory / "memory").glob("*.safetensors"):
-        if old.name not in kept:
-            old.unlink(missing_ok=True)
-            old.with_suffix(".json").unlink(missing_ok=True)
+    for old in directory.glob("memory-*"):
+        if old.name != memory_dir and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
