@@ -11,7 +11,8 @@ reply never raises inside the server and is never averaged in.
 - `array_problem`: the array names, shapes and dtypes of the global model (or, when the strategy did not send
   one, the layout most replies agree on), finite values;
 - `agreeing`: the replies whose metric names are the ones most replies carry (Flower's aggregation needs one set);
-- `clip_count`: a claimed count (the FedAvg weight) cut to a server-side bound.
+- `clip_count`: a claimed count (the FedAvg weight) cut to a server-side bound;
+- `finite`: whether a model about to become the global one is finite.
 """
 
 from __future__ import annotations
@@ -78,6 +79,12 @@ def array_problem(arrays: ArrayRecord, expected: Layout) -> str | None:
         if values.dtype.kind in "fc" and not np.isfinite(values).all():
             return f"array {name!r} holds NaN or Inf"
     return None
+
+
+def finite(arrays: ArrayRecord) -> bool:
+    """Whether every floating-point array in `arrays` is finite (an aggregate or a server-trained model that is
+    not must never become the global model)."""
+    return all(np.isfinite(a).all() for a in (array.numpy() for array in arrays.values()) if a.dtype.kind in "fc")
 
 
 def most_common(items: Sequence[T]) -> T:

@@ -8,11 +8,13 @@ screen, audit, reported privacy budget, failures in the traffic log) and applies
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Message
+from flwr.common.logger import log
 
 from fedcl.flower.protocol import EPSILON_SPENT, METRICS, SYNTHETIC_IMAGES, SYNTHETIC_KEY
 from fedcl.flower.records import arrays_to_model, model_to_arrays, synset_from_record
@@ -21,6 +23,7 @@ from fedcl.models import create_model
 from fedcl.screen import EmbeddingScreen
 from fedcl.synthetic import SyntheticSet, SyntheticSetError
 from fedcl.train import TrainConfig, train_model
+from strategies.boundary import finite
 from strategies.traffic import TrafficLog
 
 
@@ -159,9 +162,15 @@ class SyntheticMemory:
 
 def train_on_memory(arrays: ArrayRecord, memory: SyntheticMemory, *, model: str, model_cfg: dict,
                     config: TrainConfig, device: str, seed: int) -> ArrayRecord:
-    """Continue training the model in `arrays` on the pooled memory; return the new weights."""
+    """Continue training the model in `arrays` on the pooled memory; return the new weights, or `arrays`
+    unchanged when training diverged to non-finite weights (sets with wild but finite pixels, when the memory
+    checks no pixel range)."""
     net = create_model(model, memory.image_shape, memory.n_classes, **model_cfg)
     arrays_to_model(net, arrays)
     images, labels = memory.pooled()
     train_model(net, images, labels, config, device=device, seed=seed)
-    return model_to_arrays(net)
+    trained = model_to_arrays(net)
+    if not finite(trained):
+        log(WARNING, "training on the pooled memory diverged to non-finite weights; the model is unchanged")
+        return arrays
+    return trained

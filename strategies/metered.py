@@ -16,14 +16,23 @@ from collections.abc import Callable, Iterable
 from logging import WARNING
 from typing import Any
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from fedcl.flower.protocol import COUNT, MAX_COUNT
-from strategies.boundary import Layout, admit, agreeing, array_problem, clip_count, layout, metric_problem, most_common
+from strategies.boundary import (
+    Layout,
+    admit,
+    agreeing,
+    array_problem,
+    clip_count,
+    finite,
+    layout,
+    metric_problem,
+    most_common,
+)
 from strategies.traffic import MeteredGrid, TrafficLog
 
 #: The type of Flower's `FedAvg` options `train_metrics_aggr_fn` and `evaluate_metrics_aggr_fn`.
@@ -59,14 +68,15 @@ class Metered:
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The base's aggregation of the weight updates that pass the boundary; None (model unchanged) when none
-        passes, none carries weight, or the aggregate is not finite."""
-        updates = self.admit_updates(server_round, replies)
-        if not updates or sum(r.content.metric_records[_only(r.content.metric_records)][self.weighted_by_key]
-                              for r in updates) == 0:
+        """The base's aggregation of the weight updates that pass the boundary and carry weight (an update that
+        claims no examples is left out, not failed: it has no say in an average, nor a vote in a robust
+        aggregator's choice); None (model unchanged) when none is left or the aggregate is not finite."""
+        updates = [r for r in self.admit_updates(server_round, replies)
+                   if r.content.metric_records[_only(r.content.metric_records)][self.weighted_by_key] > 0]
+        if not updates:
             return None, None
         arrays, metrics = super().aggregate_train(server_round, updates)  # type: ignore[misc]
-        if arrays is not None and not _finite(arrays):
+        if arrays is not None and not finite(arrays):
             log(WARNING, "round %s: the aggregate is not finite; the global model is unchanged", server_round)
             return None, metrics
         return arrays, metrics
@@ -151,11 +161,6 @@ def _only(records: Any) -> str:
 def _array_record(reply: Message) -> ArrayRecord:
     """The one ArrayRecord of a weight reply."""
     return reply.content.array_records[_only(reply.content.array_records)]
-
-
-def _finite(arrays: ArrayRecord) -> bool:
-    """Whether every floating-point array in `arrays` is finite."""
-    return all(np.isfinite(a).all() for a in (array.numpy() for array in arrays.values()) if a.dtype.kind in "fc")
 
 
 class _RoundsFrom:

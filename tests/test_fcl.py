@@ -400,3 +400,16 @@ def test_the_comparison_says_plainly_which_memory_wins_on_each_seed():
         "on 1 of 2 seeds (same client memory: ipc images per class)",
         "fed-distill-server - fedavg-replay: +9.00 points of final average accuracy (seeds: +10.00, +8.00); "
         "fed-distill-server wins on every seed (same client memory: ipc images per class)"]
+
+
+def test_a_replay_strategy_keeps_real_images_whatever_the_distillers_options(tmp_path):
+    from fedcl.flower.node import client_distiller
+    from fedcl.flower.simulation import simulate
+
+    for strategy, name in (("fedavg-replay", "random"), ("fedavg-herding", "herding")):
+        settings = FedSettings(**TINY, strategy=strategy, distiller_opt="lr_img=10")
+        assert client_distiller(settings, pid=0, step=0).name == name  # DM's option stays with DM
+    settings = FedSettings(**TINY, strategy="fedavg-herding", distiller_opt="lr_img=10",
+                           out_dir=str(tmp_path / "herding"))
+    rows = simulate(settings, 2, engine="local")
+    assert all(int(r["clients_failed"]) == 0 for r in rows), [r["failure_reasons"] for r in rows]

@@ -64,7 +64,9 @@ def run_comparison(base: FedSettings, n_clients: int, strategies: list[str], see
                 runs[strategy].append(rows)
                 combined += [{"strategy": strategy, "seed": seed, **r} for r in rows]
                 final = 100 * float(rows[-1]["avg_accuracy"])
+                failed = sum(int(r["clients_failed"]) for r in rows)
                 bar.write(f"{strategy} seed {seed}: final average accuracy {final:.2f} %"
+                          f"{f', {failed} client replies failed (see its rounds.csv)' if failed else ''}"
                           f"{' (from an earlier invocation)' if reused else ''}")
                 bar.update()
     write_csv(combined, out / "tasks.csv", ("strategy", "seed"))

@@ -70,7 +70,9 @@ def client_distiller(settings: FedSettings, pid: int, step: int,
                      guide: Mapping[str, torch.Tensor] | None = None) -> Distiller:
     """The distiller the run names for this client's release at `step` (a round, or a task): the run's model and
     device, the client's seed, the settings' iterations, real batch, init and DP share where the distiller takes
-    them, `guide` (the global model's weights) where it supports one, then the run's `distiller-opt`."""
+    them, `guide` (the global model's weights) where it supports one, then the DP share and the run's
+    `distiller-opt` when the strategy distils (a replay strategy's choice of real images, which never leaves the
+    client, takes neither)."""
     name = settings.client_distiller
     accepted = accepted_options(name)
     wanted = {"iterations": settings.distill_iterations, "batch_real": settings.batch_real, "init": settings.init}
@@ -78,6 +80,8 @@ def client_distiller(settings: FedSettings, pid: int, step: int,
                "seed": client_seed(settings.seed, pid, step), **{k: v for k, v in wanted.items() if k in accepted}}
     if guide is not None and supports_guide(name):
         options.update(guide=guide, guide_noise=settings.guide_noise)
+    if not settings.distils:  # a replay strategy's random or herding choice of real images, kept on the client
+        return create_distiller(name, **options)
     if settings.dp_epsilon > 0:
         epsilon, delta = PrivacyLedger.share(settings)
         options.update(dp_epsilon=epsilon, dp_delta=delta)
