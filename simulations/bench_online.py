@@ -147,7 +147,7 @@ def run_one(method: str, mem_size: int, seed: int, dataset: ImageDataset, args: 
     tenth = max(1, len(seconds) // 10)
     return {"seed": seed, "mem_size": mem_size, "method": method, "experiences": len(stream),
             "accuracy": round(accuracy(model, dataset, args, seed, device), 4),
-            "memory_bytes": memory_bytes(plugin, dataset.image_shape),
+            "memory_bytes": memory_bytes(plugin, dataset.image_shape, "float32"),
             "ms_per_exp": round(1000 * sum(seconds) / len(seconds), 1),
             "ms_first_tenth": round(1000 * sum(seconds[:tenth]) / tenth, 1),
             "ms_last_tenth": round(1000 * sum(seconds[-tenth:]) / tenth, 1)}

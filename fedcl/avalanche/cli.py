@@ -37,10 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> dict[str, Callable[[argp
     p.add_argument("--mem-size", type=int, default=100, help="memory size in images, total (default 100)")
     p.add_argument("--mem-bytes", type=int, default=None,
                    help="memory size in bytes instead, the same for every memory: real-image buffers hold as many "
-                        "images as fit, the distilled memory as many synthetic images as its sets fit")
+                        "uint8 images (one byte per pixel plus an int64 label) as fit, the distilled memory as "
+                        "many synthetic images as its sets, in --storage, fit")
     p.add_argument("--storage", default="float32", choices=("float32", "float16", "uint8"),
-                   help="stored form in which every memory's images are counted; distilled sets are kept in it "
-                        "(default float32)")
+                   help="stored form of the distilled sets (default float32; uint8 costs what a real image costs)")
     p.add_argument("--epochs", type=int, default=1, help="training epochs per experience (default 1)")
     p.add_argument("--batch-size", type=int, default=64, help="current-data samples per mini-batch (default 64)")
     p.add_argument("--batch-size-mem", type=int, default=None,

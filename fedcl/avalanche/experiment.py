@@ -12,10 +12,11 @@ Strategies:
   joint      Avalanche JointTraining on all experiences at once (upper bound; no forgetting is defined)
 
 Budgets.  `mem_size` gives every memory the same number of images.  `mem_bytes` gives every memory the same bytes
-instead: the images are counted in one stored form (`storage`: float32, float16 or uint8) for every memory, real
-or distilled, so a real-image buffer holds `mem_bytes // (bytes of one stored image and its int64 label)` images
-and the distilled memory as many synthetic images as its sets fit in the same bytes (`SyntheticSet.nbytes`, see
-`fedcl.memory.DistilledMemory`).  `memory_bytes` reports what each memory holds at the end, counted the same way.
+instead.  A real image costs what it costs natively - one byte per pixel (uint8) plus its int64 label - so a
+real-image buffer holds `mem_bytes // (pixels + 8)` images, and the distilled memory as many synthetic images as
+its sets, kept in their stored form (`storage`: float32, float16 or uint8), fit in the same bytes
+(`SyntheticSet.nbytes`, see `fedcl.memory.DistilledMemory`): a float32 distilled memory holds a quarter of the
+images a real-image buffer does.  `memory_bytes` reports what each memory holds at the end, counted the same way.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class RunConfig:
     strategy: str
     mem_size: int = 100
     mem_bytes: int | None = None  # a byte budget instead of mem_size (see the module docstring)
-    storage: str = "float32"  # stored form in which every memory's images are counted (and distilled sets kept)
+    storage: str = "float32"  # stored form of the distilled sets (real images always count as uint8)
     distiller: str = "dm"
     distiller_options: dict[str, Any] = field(default_factory=dict)
     epochs: int = 1
@@ -126,24 +127,24 @@ def run(benchmark: CLBenchmark, config: RunConfig) -> RunResult:
         if config.strategy == "distilled" else []
     per_exp = [float(metrics[_ACC_EXP.format(task=e.task_label, exp=e.current_experience)])
                for e in scenario.test_stream]
-    held = memory_bytes(plugins[0], benchmark.dataset.image_shape, config.storage) if plugins else 0
+    held = memory_bytes(plugins[0], benchmark.dataset.image_shape) if plugins else 0
     return RunResult(config.strategy, config.seed, config.mem_size if config.mem_bytes is None else 0,
                      accuracy_after[-1], _metric(metrics, _FORGETTING, config), _metric(metrics, _BWT, config),
                      accuracy_after, per_exp, distill, round(seconds, 2), config.mem_bytes or 0, held)
 
 
-def image_bytes(image_shape: tuple[int, ...], storage: str) -> int:
-    """Bytes of one real image of `image_shape` and its int64 label, stored as `storage` (as a synthetic image
-    is counted: `fedcl.memory.stored_cost`)."""
+def image_bytes(image_shape: tuple[int, ...], storage: str = "uint8") -> int:
+    """Bytes of one real image of `image_shape` and its int64 label stored as `storage` (by default as it is
+    stored natively, one byte per pixel), counted as a synthetic image is (`fedcl.memory.stored_cost`)."""
     return stored_cost(torch.zeros(1, *image_shape), storage)[0]
 
 
-def memory_bytes(plugin: Any, image_shape: tuple[int, ...], storage: str = "float32") -> int:
-    """Bytes a replay plugin's memory holds, counted alike for every memory: the distilled sets' stored payload
-    (`SyntheticSet.nbytes`), or the number of real samples an Avalanche buffer holds times `image_bytes`."""
+def memory_bytes(plugin: Any, image_shape: tuple[int, ...], real_storage: str = "uint8") -> int:
+    """Bytes a replay plugin's memory holds: the distilled sets' stored payload (`SyntheticSet.nbytes`), or the
+    number of real samples an Avalanche buffer holds times `image_bytes` in `real_storage`."""
     if isinstance(plugin, DistilledReplayPlugin):
         return sum(s.nbytes for s in plugin.buffer.sets.values())
-    return len(plugin.storage_policy.buffer) * image_bytes(image_shape, storage)
+    return len(plugin.storage_policy.buffer) * image_bytes(image_shape, real_storage)
 
 
 def _metric(metrics: dict[str, Any], key: str, config: RunConfig) -> float:
@@ -173,9 +174,9 @@ def _plugins(config: RunConfig, benchmark: CLBenchmark, model: torch.nn.Module) 
 def _replay_plugin(config: RunConfig, benchmark: CLBenchmark, model: torch.nn.Module) -> Any:
     common = {"batch_size": config.train_mb_size, "batch_size_mem": config.batch_size_mem}
     real_images = config.mem_size if config.mem_bytes is None else \
-        config.mem_bytes // image_bytes(benchmark.dataset.image_shape, config.storage)
+        config.mem_bytes // image_bytes(benchmark.dataset.image_shape)
     if config.strategy in ("replay", "herding") and real_images < 1:
-        raise ValueError(f"a memory of {config.mem_bytes} bytes cannot hold one {config.storage} image of shape "
+        raise ValueError(f"a memory of {config.mem_bytes} bytes cannot hold one uint8 image of shape "
                          f"{benchmark.dataset.image_shape} and its label")
     if config.strategy == "replay":
         policy = ClassBalancedBuffer(real_images, adaptive_size=True)
