@@ -10,7 +10,8 @@ reply never raises inside the server and is never averaged in.
   (counts: non-negative ints below a bound), no lists;
 - `array_problem`: the array names, shapes and dtypes of the global model (or, when the strategy did not send
   one, the layout most replies agree on), finite values;
-- `agreeing`: the replies whose metric names are the ones most replies carry (Flower's aggregation needs one set);
+- `agreeing`: the replies whose record and metric names are the ones most replies carry (Flower's aggregation
+  needs one set);
 - `clip_count`: a claimed count (the FedAvg weight) cut to a server-side bound;
 - `finite`: whether a model about to become the global one is finite.
 """
@@ -110,15 +111,23 @@ def admit(server_round: int, replies: Iterable[Message], traffic: TrafficLog,
 
 
 def agreeing(server_round: int, replies: list[Message], traffic: TrafficLog) -> list[Message]:
-    """The replies whose metric names equal the names most replies carry; the others are failures."""
+    """The replies whose record names and metric names equal those most replies carry; the others are failures
+    (Flower's aggregation needs one ArrayRecord name and one set of metric names)."""
     if not replies:
         return replies
-    names = {id(r): tuple(sorted(key for record in r.content.metric_records.values() for key in record))
+    names = {id(r): (tuple(sorted(r.content.array_records)),
+                     tuple(sorted((name, key) for name, record in r.content.metric_records.items() for key in record)))
              for r in replies}
     agreed = most_common(list(names.values()))
     return admit(server_round, replies, traffic,
                  lambda r: None if names[id(r)] == agreed else
-                 f"metric names {list(names[id(r)])[:6]} differ from the other replies' {list(agreed)}")
+                 f"record and metric names {_shown(names[id(r)])} differ from the other replies' {_shown(agreed)}")
+
+
+def _shown(names: tuple[tuple[str, ...], tuple[tuple[str, str], ...]]) -> str:
+    """A short rendering of a reply's (ArrayRecord names, (MetricRecord name, metric name) pairs)."""
+    arrays, metrics = names
+    return f"{list(arrays)[:2]} {[f'{record}.{key}' for record, key in metrics][:6]}"
 
 
 def clip_count(metrics: MetricRecord, key: str, bound: int) -> None:

@@ -242,3 +242,14 @@ def _report(name: str, counts: dict[str, int]) -> None:
         report[name] = counts
         with open(path, "w") as f:
             json.dump(report, f, indent=1)
+
+
+@pytest.mark.parametrize("cls", [MeteredFedAvg, MeteredKrum])
+def test_a_weight_reply_under_other_record_names_is_a_failure(cls):
+    """Found by the fuzzer: Flower aggregates only replies whose ArrayRecord and MetricRecord names agree."""
+    strategy = _weight_strategy(cls)
+    renamed = honest_update(3)
+    renamed.content = RecordDict({"weights": renamed.content[ARRAYS], METRICS: renamed.content[METRICS]})
+    arrays, _ = strategy.aggregate_train(1, [honest_update(1), honest_update(2), renamed])
+    assert arrays is not None and [node for node, _ in strategy.traffic[1].failures] == [3]
+    assert "differ from the other replies'" in strategy.traffic[1].failures[0][1]
