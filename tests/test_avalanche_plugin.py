@@ -16,7 +16,6 @@ from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin  # noq
 from test_avalanche_buffer import SoftLabelDistiller  # noqa: E402
 
 from fedcl.avalanche import DistilledReplayPlugin, make_benchmark  # noqa: E402
-from fedcl.avalanche.plugin import SoftReplayLoss  # noqa: E402
 from fedcl.cli import main  # noqa: E402
 from fedcl.models import create_model  # noqa: E402
 
@@ -77,16 +76,46 @@ def test_plugin_runs_inside_naive_on_split_digits():
     assert plugin.buffer.buffer is memory and len(memory) <= 20  # evaluation leaves the memory alone
 
 
-@pytest.mark.slow
-def test_soft_labelled_memory_switches_the_criterion_for_the_experience():
+class LossSpy(SupervisedPlugin):
+    """After the replay plugin's before_backward: the loss, outputs and labels of every replay mini-batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list = []
+
+    def before_backward(self, strategy, **kwargs):
+        if isinstance(strategy.dataloader, ReplayDataLoader):
+            self.batches.append((strategy.loss.detach().clone(), strategy.mb_output.detach().clone(),
+                                 strategy.mb_x.clone(), strategy.mb_y.clone(), type(strategy._criterion)))
+
+
+def test_soft_labelled_memory_rows_are_trained_on_their_soft_targets():
     benchmark = make_benchmark("split-digits", seed=0)
-    plugin = DistilledReplayPlugin(mem_size=10, distiller=SoftLabelDistiller())
-    recorded: list = []
-    strategy = _naive(plugin, recorded)
-    for exp in list(benchmark.scenario.train_stream)[:2]:
-        strategy.train(exp)
-    assert recorded[1][1] is SoftReplayLoss
-    assert isinstance(strategy._criterion, torch.nn.CrossEntropyLoss)  # restored after the experience
+    first, second = list(benchmark.scenario.train_stream)[:2]
+    plugin = DistilledReplayPlugin(mem_size=10, distiller=SoftLabelDistiller(), batch_size_mem=8, progress=False)
+    spy = LossSpy()
+    model = create_model("convnet", (1, 8, 8), 10, width=8)
+    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+                     criterion=torch.nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=1, eval_mb_size=256,
+                     device="cpu", plugins=[plugin, spy], evaluator=None)
+    strategy.train(first)
+    images = torch.cat([s.images for s in plugin.buffer.sets.values()]).flatten(1)
+    soft = torch.cat([s.labels for s in plugin.buffer.sets.values()])
+    strategy.train(second)
+    assert spy.batches and all(criterion is torch.nn.CrossEntropyLoss for *_, criterion in spy.batches)
+    old_classes = torch.tensor(first.classes_in_this_experience)
+    replayed = []
+    for loss, output, x, y, _ in spy.batches:
+        memory = torch.isin(y, old_classes)  # class-incremental: rows of the first experience's classes
+        replayed.append(int(memory.sum()))
+        index = torch.cdist(x[memory].flatten(1), images).argmin(dim=1)  # the memory rows, found here by pixels
+        logp = output.log_softmax(dim=1)
+        current = -logp[~memory].gather(1, y[~memory, None]).sum()
+        expected = (current - (soft[index] * logp[memory]).sum()) / len(y)
+        assert torch.allclose(loss, expected, atol=1e-5)
+        assert not torch.allclose(loss, torch.nn.functional.cross_entropy(output, y), atol=1e-3)
+    assert set(replayed) == {8, 2}  # 10 memory samples in draws of 8: the replayed rows per batch vary
+    assert isinstance(strategy._criterion, torch.nn.CrossEntropyLoss)
 
 
 def test_plugin_save_and_load(tmp_path):
