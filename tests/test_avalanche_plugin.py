@@ -147,3 +147,27 @@ def test_cl_command_writes_results_csv(tmp_path, capsys):
     assert float(rows[3]["distill_seconds_per_exp"]) > 0
     assert (out / "accuracy.png").stat().st_size > 1000
     assert "final average accuracy" in capsys.readouterr().out
+
+
+class PlainCollate(SupervisedPlugin):
+    """Replaces the replay loader's collate function after the replay plugin set it."""
+
+    def before_training_exp(self, strategy, **kwargs):
+        if isinstance(strategy.dataloader, ReplayDataLoader):
+            strategy.dataloader.loader_kwargs["collate_fn"] = torch.utils.data.default_collate
+
+
+def test_batches_that_lose_their_memory_rows_warn_and_keep_the_criterions_loss():
+    benchmark = make_benchmark("split-digits", seed=0)
+    plugin = DistilledReplayPlugin(mem_size=10, distiller=SoftLabelDistiller(), progress=False)
+    spy = LossSpy()
+    model = create_model("convnet", (1, 8, 8), 10, width=8)
+    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+                     criterion=torch.nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=1, device="cpu",
+                     plugins=[plugin, PlainCollate(), spy], evaluator=None)
+    strategy.train(benchmark.scenario.train_stream[0])
+    with pytest.warns(UserWarning, match="do not name their memory rows") as caught:
+        strategy.train(benchmark.scenario.train_stream[1])
+    assert sum("memory rows" in str(w.message) for w in caught) == 1  # once, not every batch
+    assert spy.batches and all(torch.allclose(loss, torch.nn.functional.cross_entropy(output, y))
+                               for loss, output, _, y, _ in spy.batches)

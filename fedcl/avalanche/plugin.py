@@ -26,18 +26,21 @@ row in the memory; when the memory holds soft-labelled sets, the plugin gives th
 function that records, for every mini-batch, which batch rows came from memory and from which memory rows
 (`ReplayCollate`; the batch is a `ReplayBatch`, a list with `memory_positions` and `memory_rows`).  In
 `before_backward` - the public hook where plugins such as LwF and EWC adjust `strategy.loss` - the hard-label
-cross-entropy of the replayed rows of soft-labelled sets R is replaced by the cross-entropy against their stored
-distribution q (columns cut or zero-padded to the model's outputs, then renormalised):
+cross-entropy of the replayed rows R is replaced by the cross-entropy against their stored distribution q (columns
+cut or zero-padded to the model's outputs, then renormalised):
 
     loss += (1 / B) * sum_{r in R} [ -sum_c q_rc log softmax(z_r)_c  -  CE(z_r, y_r) ]
 
 with B the mini-batch size and z the model's outputs.  This assumes the strategy's criterion is the batch mean of
 the hard-label cross-entropy (`CrossEntropyLoss()`, Avalanche's default); the loss then becomes
-(sum_{i not in R} CE(z_i, y_i) + sum_{r in R} soft CE(z_r, q_r)) / B.  Hard-labelled memory rows are left alone.
+(sum_{i not in R} CE(z_i, y_i) + sum_{r in R} soft CE(z_r, q_r)) / B.  Memory rows of hard-labelled sets have
+one-hot distributions, so their loss stays the hard-label cross-entropy.  If the batches lose their memory rows (a
+collate function set by a later plugin, pin_memory), the plugin warns once and the loss stays the criterion's.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -98,6 +101,7 @@ class DistilledReplayPlugin(ReplayPlugin):
                             f"{type(storage_policy).__name__}")
         super().__init__(mem_size=storage_policy.max_size, batch_size=batch_size, batch_size_mem=batch_size_mem,
                          task_balanced_dataloader=task_balanced_dataloader, storage_policy=storage_policy)
+        self._warned = False
 
     @property
     def buffer(self) -> ExemplarsBuffer:
@@ -121,8 +125,17 @@ class DistilledReplayPlugin(ReplayPlugin):
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
         """Replace the hard-label loss of the replayed soft-labelled rows by their soft-label cross-entropy."""
         targets = self._row_targets()
+        if targets is None:
+            return
         rows = getattr(strategy.mbatch, "memory_rows", None)
-        if targets is None or rows is None or len(rows) == 0:
+        if rows is None:
+            if isinstance(getattr(strategy, "dataloader", None), ReplayDataLoader) and not self._warned:
+                self._warned = True
+                warnings.warn("the replay mini-batches do not name their memory rows (the loader's collate_fn was "
+                              "replaced after DistilledReplayPlugin set it, or pin_memory rebuilt the batch): the "
+                              "soft-labelled memory is trained on its hard labels", stacklevel=2)
+            return
+        if len(rows) == 0:
             return
         positions = torch.as_tensor(strategy.mbatch.memory_positions, dtype=torch.long)
         memory_rows = torch.as_tensor(rows, dtype=torch.long)
