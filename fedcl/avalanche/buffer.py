@@ -96,6 +96,7 @@ class DistilledBuffer(ExemplarsBuffer):
     source: name and normalisation of the real data, copied into the sets' metadata (what `to_grid_png` needs).
     n_classes: label space of the stream (default: the scenario's, else the largest label seen + 1).
     progress: one line per experience on stderr (classes distilled, distiller, iterations, seconds); default on.
+        A bar over the distiller's iterations as well: distiller_options={"progress": True}.
     """
 
     def __init__(self, max_size: int | None = None, *, images_per_class: int | None = None,
