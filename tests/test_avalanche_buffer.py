@@ -1,4 +1,4 @@
-"""DistilledBuffer: budget, resizing that keeps every class, save/load, sample layout, soft-label loss."""
+"""DistilledBuffer: budget, resizing that keeps every class, save/load, sample layout, soft-label loss terms."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ pytest.importorskip("avalanche")
 
 from fedcl.avalanche.benchmarks import LabelledTensors, make_benchmark, permute_pixels, permuted_scenario  # noqa: E402
 from fedcl.avalanche.buffer import DistilledBuffer, memory_dataset, truncate  # noqa: E402
-from fedcl.avalanche.plugin import SoftReplayLoss, fit_columns  # noqa: E402
+from fedcl.avalanche.plugin import ReplayCollate, fit_columns, soft_replay_correction  # noqa: E402
 from fedcl.data import ClassIndex, load_dataset  # noqa: E402
 from fedcl.distill.base import Distiller, DistillResult  # noqa: E402
 from fedcl.memory import class_key  # noqa: E402
@@ -156,20 +156,34 @@ def test_truncate_keeps_the_first_images_of_each_class(digits_stream):
     assert torch.equal(small.images[0], synset.images[0])
 
 
-def test_soft_replay_loss_uses_soft_targets_for_replayed_rows():
-    memory = torch.randn(3, 1, 4, 4)
-    soft = torch.tensor([[0.7, 0.3, 0.0], [0.2, 0.8, 0.0], [0.0, 0.5, 0.5]])
-    current = torch.randn(2, 1, 4, 4)
-    x = torch.cat([current, memory[[2, 0]]])
-    strategy = SimpleNamespace(mb_x=x)
-    loss_fn = SoftReplayLoss(strategy, torch.nn.CrossEntropyLoss(), memory, soft)
-    output = torch.randn(4, 3)
-    target = torch.tensor([0, 2, 1, 0])
+def test_the_soft_replay_correction_turns_the_batch_mean_ce_into_the_soft_mix():
+    soft = torch.tensor([[0.5, 0.2, 0.3], [0.0, 0.5, 0.5]])
+    output = torch.randn(5, 3, generator=generator(3))
+    target = torch.tensor([0, 2, 1, 0, 1])
     logp = output.log_softmax(dim=1)
-    expected = (-logp[0, 0] - logp[1, 2] - (soft[2] * logp[2]).sum() - (soft[0] * logp[3]).sum()) / 4
-    assert torch.allclose(loss_fn(output, target), expected)
-    strategy.mb_x = current  # no replayed rows: the criterion alone
-    assert torch.allclose(loss_fn(output[:2], target[:2]), torch.nn.functional.cross_entropy(output[:2], target[:2]))
+    corrected = torch.nn.functional.cross_entropy(output, target) + soft_replay_correction(
+        output, target, torch.tensor([3, 1]), soft)
+    expected = (-logp[0, 0] - logp[2, 1] - logp[4, 1] - (soft[0] * logp[3]).sum() - (soft[1] * logp[1]).sum()) / 5
+    assert torch.allclose(corrected, expected)
+    one_hot = torch.nn.functional.one_hot(target[[3, 1]], 3).float()  # hard rows as distributions: no change
+    assert torch.allclose(soft_replay_correction(output, target, torch.tensor([3, 1]), one_hot), torch.tensor(0.0),
+                          atol=1e-6)
+
+
+def test_memory_samples_name_their_rows_through_the_replay_collate(digits_stream):
+    buffer = DistilledBuffer(12, distiller=SoftLabelDistiller(), compress="truncate")
+    _fill(buffer, digits_stream, upto=2)
+    assert [buffer.buffer[i].row for i in range(len(buffer.buffer))] == list(range(12))
+    current = [list(digits_stream.train_stream[2].dataset[i]) for i in range(3)]
+    samples = [current[0], buffer.buffer[7], current[1], buffer.buffer[2], current[2]]
+    batch = ReplayCollate(None)(samples)
+    assert batch.memory_positions == [1, 3] and batch.memory_rows == [7, 2]
+    assert torch.equal(batch[0][1], buffer.buffer[7][0]) and batch[1].tolist()[3] == buffer.buffer[2][1]
+    targets = buffer.row_targets()
+    assert targets.shape == (12, 10) and torch.equal(targets.argmax(dim=1), torch.tensor(list(buffer.buffer.targets)))
+    hard = DistilledBuffer(10, distiller="random")
+    hard.post_adapt(AGENT, digits_stream.train_stream[0])
+    assert hard.row_targets() is None
 
 
 def test_fit_columns_pads_or_cuts_and_renormalises():

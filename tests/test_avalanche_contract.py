@@ -22,11 +22,11 @@ from avalanche.benchmarks.scenarios.online import split_online_stream  # noqa: E
 from avalanche.benchmarks.utils.data_loader import ReplayDataLoader  # noqa: E402
 from avalanche.training import Naive  # noqa: E402
 from avalanche.training.plugins import ReplayPlugin, SupervisedPlugin  # noqa: E402
-from avalanche.training.storage_policy import ExemplarsBuffer  # noqa: E402
+from avalanche.training.storage_policy import ClassBalancedBuffer, ExemplarsBuffer  # noqa: E402
 
 from fedcl.avalanche import DistilledBuffer, DistilledReplayPlugin  # noqa: E402
 from fedcl.avalanche.benchmarks import LabelledTensors  # noqa: E402
-from fedcl.avalanche.buffer import strategy_device  # noqa: E402
+from fedcl.avalanche.buffer import CPU_ITERATIONS, CPU_WIDTH, strategy_device  # noqa: E402
 from fedcl.distill.base import DistillResult  # noqa: E402
 from fedcl.distill.coreset import RandomCoreset  # noqa: E402
 from fedcl.memory import HISTORY, class_key, stored_cost  # noqa: E402
@@ -317,3 +317,71 @@ def test_a_uint8_dm_memory_is_updated_from_its_dequantised_images():
 def test_a_byte_budget_is_exclusive_with_an_image_budget():
     with pytest.raises(ValueError, match="exactly one memory budget"):
         DistilledReplayPlugin(mem_size=100, mem_bytes=10_000, distiller="random")
+
+
+def test_a_built_distilled_buffer_is_taken_as_the_storage_policy():
+    buffer = DistilledBuffer(6, distiller="random", progress=False)
+    plugin = DistilledReplayPlugin(storage_policy=buffer, batch_size_mem=4)
+    assert plugin.storage_policy is buffer and plugin.mem_size == 6 and plugin.batch_size_mem == 4
+    strategy = naive(plugin)
+    for exp in tiny_benchmark().train_stream:
+        strategy.train(exp)
+    assert buffer.seen_classes() == list(range(N_CLASSES)) and len(buffer.buffer) == 6
+
+
+def test_any_avalanche_exemplars_buffer_can_be_the_storage_policy(tmp_path):
+    policy = ClassBalancedBuffer(8, adaptive_size=True)
+    plugin = DistilledReplayPlugin(storage_policy=policy)
+    spy = BatchSpy(plugin)
+    strategy = naive(plugin, spy)
+    for exp in list(tiny_benchmark().train_stream)[:2]:
+        strategy.train(exp)
+    assert plugin.storage_policy is policy and len(policy.buffer) == 8
+    assert sorted(set(policy.buffer.targets)) == [0, 1, 2, 3]
+    assert spy.batches and all(from_memory > 0 for _, from_memory in spy.batches)  # experience 1 replayed it
+    with pytest.raises(TypeError, match="needs a DistilledBuffer"):
+        plugin.save(tmp_path)
+
+
+@pytest.mark.parametrize("extra", [{"mem_size": 6}, {"distiller": "dm"}, {"distiller_options": {"iterations": 3}},
+                                   {"progress": False}])
+def test_a_storage_policy_with_buffer_building_arguments_is_refused(extra):
+    with pytest.raises(ValueError, match=rf"storage_policy is an already-built memory; \['{next(iter(extra))}'\]"):
+        DistilledReplayPlugin(storage_policy=DistilledBuffer(6, distiller="random"), **extra)
+    with pytest.raises(TypeError, match="ExemplarsBuffer"):
+        DistilledReplayPlugin(storage_policy=[])
+
+
+def test_the_shorthand_builds_a_distilled_buffer_of_200_images_by_default():
+    plugin = DistilledReplayPlugin()
+    assert isinstance(plugin.storage_policy, DistilledBuffer) and plugin.storage_policy.max_size == 200
+    assert plugin.storage_policy.progress is True and plugin.storage_policy._distiller_spec == "dm"
+
+
+def test_on_cpu_a_named_distiller_gets_the_small_budget_and_given_options_win():
+    buffer = DistilledBuffer(4, distiller="dm")
+    assert buffer.distiller_settings("cpu") == {"iterations": CPU_ITERATIONS, "model_cfg": {"width": CPU_WIDTH}}
+    assert CPU_ITERATIONS <= 200 and CPU_WIDTH <= 32
+    assert DistilledBuffer(4, distiller="dm").distiller_settings(torch.device("cuda")) == {}  # DM's own: 1000, 128
+    given = DistilledBuffer(4, distiller="dm", distiller_options={"iterations": 7, "model_cfg": {"depth": 2}})
+    assert given.distiller_settings("cpu") == {"iterations": 7, "model_cfg": {"width": CPU_WIDTH, "depth": 2}}
+    wide = DistilledBuffer(4, distiller="dm", distiller_options={"model_cfg": {"width": 128}, "iterations": 1000})
+    assert wide.distiller_settings("cpu") == {"iterations": 1000, "model_cfg": {"width": 128}}
+    other = DistilledBuffer(4, distiller="dm", distiller_options={"model": "mlp"})
+    assert other.distiller_settings("cpu") == {"iterations": CPU_ITERATIONS, "model": "mlp"}
+    assert "iterations" not in DistilledBuffer(4, distiller="random").distiller_settings("cpu")
+
+
+def test_the_distiller_built_on_a_cpu_strategy_has_the_cpu_budget(capsys):
+    options = {"iterations": 2, "batch_real": 8, "dsa": False}  # the iterations given; the width from the default
+    buffer = DistilledBuffer(4, distiller="dm", distiller_options=options)
+    buffer.post_adapt(AGENT, tiny_benchmark().train_stream[0])
+    assert buffer.distiller.iterations == 2 and buffer.distiller.model_cfg == {"width": CPU_WIDTH}
+    assert buffer.distiller.device == torch.device("cpu")
+    assert buffer.sets[class_key(0, 0)].meta.extra["model_cfg"] == {"width": CPU_WIDTH}
+    line = capsys.readouterr().err
+    assert "DistilledBuffer: distilled 40 samples (2 new classes; dm, 2 iterations, on cpu)" in line
+    assert line.count("\n") == 1
+    quiet = DistilledBuffer(4, distiller="dm", distiller_options=options, progress=False)
+    quiet.post_adapt(AGENT, tiny_benchmark().train_stream[0])
+    assert capsys.readouterr().err == ""

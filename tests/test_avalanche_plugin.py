@@ -16,7 +16,6 @@ from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin  # noq
 from test_avalanche_buffer import SoftLabelDistiller  # noqa: E402
 
 from fedcl.avalanche import DistilledReplayPlugin, make_benchmark  # noqa: E402
-from fedcl.avalanche.plugin import SoftReplayLoss  # noqa: E402
 from fedcl.cli import main  # noqa: E402
 from fedcl.models import create_model  # noqa: E402
 
@@ -77,16 +76,46 @@ def test_plugin_runs_inside_naive_on_split_digits():
     assert plugin.buffer.buffer is memory and len(memory) <= 20  # evaluation leaves the memory alone
 
 
-@pytest.mark.slow
-def test_soft_labelled_memory_switches_the_criterion_for_the_experience():
+class LossSpy(SupervisedPlugin):
+    """After the replay plugin's before_backward: the loss, outputs and labels of every replay mini-batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list = []
+
+    def before_backward(self, strategy, **kwargs):
+        if isinstance(strategy.dataloader, ReplayDataLoader):
+            self.batches.append((strategy.loss.detach().clone(), strategy.mb_output.detach().clone(),
+                                 strategy.mb_x.clone(), strategy.mb_y.clone(), type(strategy._criterion)))
+
+
+def test_soft_labelled_memory_rows_are_trained_on_their_soft_targets():
     benchmark = make_benchmark("split-digits", seed=0)
-    plugin = DistilledReplayPlugin(mem_size=10, distiller=SoftLabelDistiller())
-    recorded: list = []
-    strategy = _naive(plugin, recorded)
-    for exp in list(benchmark.scenario.train_stream)[:2]:
-        strategy.train(exp)
-    assert recorded[1][1] is SoftReplayLoss
-    assert isinstance(strategy._criterion, torch.nn.CrossEntropyLoss)  # restored after the experience
+    first, second = list(benchmark.scenario.train_stream)[:2]
+    plugin = DistilledReplayPlugin(mem_size=10, distiller=SoftLabelDistiller(), batch_size_mem=8, progress=False)
+    spy = LossSpy()
+    model = create_model("convnet", (1, 8, 8), 10, width=8)
+    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+                     criterion=torch.nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=1, eval_mb_size=256,
+                     device="cpu", plugins=[plugin, spy], evaluator=None)
+    strategy.train(first)
+    images = torch.cat([s.images for s in plugin.buffer.sets.values()]).flatten(1)
+    soft = torch.cat([s.labels for s in plugin.buffer.sets.values()])
+    strategy.train(second)
+    assert spy.batches and all(criterion is torch.nn.CrossEntropyLoss for *_, criterion in spy.batches)
+    old_classes = torch.tensor(first.classes_in_this_experience)
+    replayed = []
+    for loss, output, x, y, _ in spy.batches:
+        memory = torch.isin(y, old_classes)  # class-incremental: rows of the first experience's classes
+        replayed.append(int(memory.sum()))
+        index = torch.cdist(x[memory].flatten(1), images).argmin(dim=1)  # the memory rows, found here by pixels
+        logp = output.log_softmax(dim=1)
+        current = -logp[~memory].gather(1, y[~memory, None]).sum()
+        expected = (current - (soft[index] * logp[memory]).sum()) / len(y)
+        assert torch.allclose(loss, expected, atol=1e-5)
+        assert not torch.allclose(loss, torch.nn.functional.cross_entropy(output, y), atol=1e-3)
+    assert set(replayed) == {8, 2}  # 10 memory samples in draws of 8: the replayed rows per batch vary
+    assert isinstance(strategy._criterion, torch.nn.CrossEntropyLoss)
 
 
 def test_plugin_save_and_load(tmp_path):
@@ -140,3 +169,27 @@ def test_cl_command_gives_every_memory_the_same_bytes(tmp_path, capsys):
 def test_cl_command_refuses_a_byte_budget_below_one():
     with pytest.raises(SystemExit, match="--mem-bytes must be >= 1"):
         main(["cl", "--mem-bytes", "0"])
+
+
+class PlainCollate(SupervisedPlugin):
+    """Replaces the replay loader's collate function after the replay plugin set it."""
+
+    def before_training_exp(self, strategy, **kwargs):
+        if isinstance(strategy.dataloader, ReplayDataLoader):
+            strategy.dataloader.loader_kwargs["collate_fn"] = torch.utils.data.default_collate
+
+
+def test_batches_that_lose_their_memory_rows_warn_and_keep_the_criterions_loss():
+    benchmark = make_benchmark("split-digits", seed=0)
+    plugin = DistilledReplayPlugin(mem_size=10, distiller=SoftLabelDistiller(), progress=False)
+    spy = LossSpy()
+    model = create_model("convnet", (1, 8, 8), 10, width=8)
+    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+                     criterion=torch.nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=1, device="cpu",
+                     plugins=[plugin, PlainCollate(), spy], evaluator=None)
+    strategy.train(benchmark.scenario.train_stream[0])
+    with pytest.warns(UserWarning, match="do not name their memory rows") as caught:
+        strategy.train(benchmark.scenario.train_stream[1])
+    assert sum("memory rows" in str(w.message) for w in caught) == 1  # once, not every batch
+    assert spy.batches and all(torch.allclose(loss, torch.nn.functional.cross_entropy(output, y))
+                               for loss, output, _, y, _ in spy.batches)

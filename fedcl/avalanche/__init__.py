@@ -17,7 +17,7 @@ _EXPORTS = {
     "DistilledBuffer": "fedcl.avalanche.buffer",
     "DistilledReplayPlugin": "fedcl.avalanche.plugin",
     "MemoryFinetunePlugin": "fedcl.avalanche.finetune",
-    "SoftReplayLoss": "fedcl.avalanche.plugin",
+    "ReplayCollate": "fedcl.avalanche.plugin",
 }
 
 __all__ = sorted(_EXPORTS)

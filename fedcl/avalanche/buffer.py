@@ -26,10 +26,20 @@ experience trains when the buffer is used through DistilledReplayPlugin.
 experience), distilled from that experience's data alone - for domain-incremental streams that reuse the class ids
 under one task label (permuted-fmnist), where one set per class would blend the domains into the same images.
 
+Distillation budget.  A distiller given by name is built at the first experience on the strategy's device, with
+defaults fitted to it (`default_options`): on CPU a small budget - DM and the other iterative methods at
+CPU_ITERATIONS (150) iterations on a ConvNet of width CPU_WIDTH (32) - so that an ordinary CPU pipeline (split
+Fashion-MNIST, five experiences) distils in 10-25 s per experience on one thread; on CUDA the distiller's own,
+paper-scale defaults (DM: 1,000 iterations, ConvNet width 128).  Every option given in `distiller_options` wins
+over these defaults (a `model_cfg` key by key).  With `progress` (the default) one line per experience goes to
+stderr: the classes distilled and updated, the distiller, its iterations and the seconds it took; progress=False
+silences it.
+
 The memory replays through Avalanche's loaders as an AvalancheDataset of (image, label, task label) samples in the
-same layout as the experience's own samples.  Soft labels (from learned-label distillers) are kept beside it in
-`soft_targets()`; `DistilledReplayPlugin` uses them in the loss.  `save(dir)` / `load(dir)` write and read the
-memory as SyntheticSet files, to resume a run.
+same layout as the experience's own samples; each memory sample is a `MemorySample` (a list) that also knows its
+row in the memory, so a collate function can tell replayed rows from current ones (`DistilledReplayPlugin` does,
+to give soft-labelled rows their target distributions: `row_targets()`).  `save(dir)` / `load(dir)` write and
+read the memory as SyntheticSet files, to resume a run.
 
 The memory logic (budget, per-class compression, incremental updates, persistence) is
 `fedcl.memory.DistilledMemory`, the one implementation shared with the federated continual client; this class
@@ -38,6 +48,8 @@ adapts it to Avalanche's storage-policy contract and loaders.
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +64,15 @@ from avalanche.benchmarks.utils import (
 from avalanche.training.storage_policy import ExemplarsBuffer
 from torch.utils.data import DataLoader
 
-from fedcl.distill.base import Distiller, Source, create_distiller
+from fedcl.distill.base import Distiller, Source, accepted_options, create_distiller, default_model
 from fedcl.memory import COMPRESSIONS, DistilledMemory, truncate
+from fedcl.runtime import resolve_device
 
 #: How the memory is keyed: one set per (task label, class), or one per experience.
 KEYS = ("class", "experience")
-__all__ = ["COMPRESSIONS", "KEYS", "DistilledBuffer", "check_layout", "dataset_tensors", "experience_tensors",
-           "memory_dataset", "strategy_device", "truncate"]
+__all__ = ["COMPRESSIONS", "CPU_ITERATIONS", "CPU_WIDTH", "KEYS", "DistilledBuffer", "MemorySample", "check_layout",
+           "dataset_tensors", "default_options", "experience_tensors", "memory_dataset", "merge_options",
+           "strategy_device", "truncate"]
 
 
 class DistilledBuffer(ExemplarsBuffer):
@@ -68,8 +82,10 @@ class DistilledBuffer(ExemplarsBuffer):
     images_per_class: a fixed number of images per class (then the memory grows with the classes; max_size None);
     mem_bytes: total bytes of the stored sets (`SyntheticSet.nbytes`; max_size None): as many images as the
         distiller's stored form allows - a uint8 image costs one byte per pixel, a float32 one four.
-    distiller: a registered distiller name (built on the strategy's device at the first experience, with
-        `distiller_options`, `seed` and `progress`) or a ready Distiller instance (used as configured).
+    distiller: a registered distiller name, built on the strategy's device at the first experience with the
+        device's defaults (`default_options`: on CPU 150 iterations on a width-32 ConvNet, on CUDA the
+        distiller's own, e.g. DM's 1,000 iterations on a width-128 ConvNet), overridden by `distiller_options`,
+        and `seed`; or a ready Distiller instance (used as configured).
     compress: how existing sets shrink when new classes arrive under `max_size`: "redistill" (the distiller
         again, from the stored synthetic images), "herding" (herding within them, pixel features) or "truncate"
         (the first images of each class).
@@ -79,13 +95,15 @@ class DistilledBuffer(ExemplarsBuffer):
         set per experience, replaced when the experience comes again; one task label per experience).
     source: name and normalisation of the real data, copied into the sets' metadata (what `to_grid_png` needs).
     n_classes: label space of the stream (default: the scenario's, else the largest label seen + 1).
+    progress: one line per experience on stderr (classes distilled, distiller, iterations, seconds); default on.
+        A bar over the distiller's iterations as well: distiller_options={"progress": True}.
     """
 
     def __init__(self, max_size: int | None = None, *, images_per_class: int | None = None,
                  mem_bytes: int | None = None, distiller: str | Distiller = "dm",
                  distiller_options: dict[str, Any] | None = None, compress: str = "redistill",
                  update_iterations: int | None = None, source: Source | None = None,
-                 n_classes: int | None = None, key: str = "class", seed: int = 0, progress: bool = False) -> None:
+                 n_classes: int | None = None, key: str = "class", seed: int = 0, progress: bool = True) -> None:
         if update_iterations is not None and update_iterations < 1:
             raise ValueError(f"update_iterations must be >= 1, got {update_iterations}")
         if key not in KEYS:
@@ -101,6 +119,7 @@ class DistilledBuffer(ExemplarsBuffer):
         self._distiller_spec, self._options = distiller, dict(distiller_options or {})
         self._distiller: Distiller | None = distiller if isinstance(distiller, Distiller) else None
         self.label_as_tensor = False
+        self._row_targets: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ what is in memory
     @property
@@ -139,6 +158,22 @@ class DistilledBuffer(ExemplarsBuffer):
         """(images, target distributions) of the soft-labelled sets in memory, or None when all labels are hard."""
         return self.memory.soft_targets()
 
+    def row_targets(self) -> torch.Tensor | None:
+        """One target distribution per memory row, in the order of `buffer` (`MemorySample.row`), when some held
+        set is soft-labelled (hard-labelled rows are one-hot); None when every label is hard."""
+        return self._row_targets
+
+    @property
+    def distiller(self) -> Distiller | None:
+        """The distiller, once built (a ready instance from the start, one given by name at the first experience)."""
+        return self._distiller
+
+    def distiller_settings(self, device: torch.device | str) -> dict[str, Any]:
+        """The options a distiller given by name is built with on `device`: the device's defaults
+        (`default_options`), overridden by `distiller_options`."""
+        device = resolve_device(device) if str(device) == "auto" else torch.device(device)
+        return merge_options(default_options(str(self._distiller_spec), device), self._options)
+
     # ------------------------------------------------------------------ Avalanche contract
     def post_adapt(self, agent_state: Any, exp: Any) -> None:
         """Take the classes of the experience just trained on into memory: new ones distilled, held ones updated,
@@ -146,6 +181,7 @@ class DistilledBuffer(ExemplarsBuffer):
         images, labels, tasks = experience_tensors(exp)
         if len(labels) == 0:
             return
+        start = time.perf_counter()
         distiller, n_classes = self._distiller_for(agent_state), self._label_space(exp, labels)
         if self.key == "class":
             self.memory.absorb(images, labels, distiller, n_classes=n_classes, tasks=tasks, source=self.source,
@@ -156,6 +192,8 @@ class DistilledBuffer(ExemplarsBuffer):
                             source=self.source, task=single_task(tasks))
         self.label_as_tensor = isinstance(exp.dataset[0][1], torch.Tensor)
         self._rebuild()
+        if self.progress:
+            self._report(labels, time.perf_counter() - start)
 
     def resize(self, strategy: Any, new_size: int) -> None:
         """Change the total budget; held sets are compressed to fit, and below one image per class the least
@@ -180,9 +218,22 @@ class DistilledBuffer(ExemplarsBuffer):
     def _distiller_for(self, agent_state: Any) -> Distiller:
         """The distiller, built on first use on the strategy's device."""
         if self._distiller is None:
-            self._distiller = create_distiller(str(self._distiller_spec), device=strategy_device(agent_state),
-                                               seed=self.seed, progress=self.progress, **self._options)
+            device = strategy_device(agent_state)
+            options = {"seed": self.seed, **self.distiller_settings(device)}
+            self._distiller = create_distiller(str(self._distiller_spec), device=device, **options)
         return self._distiller
+
+    def _report(self, labels: torch.Tensor, seconds: float) -> None:
+        """The progress line of the experience just taken into memory."""
+        record, distiller = self.history[-1], self._distiller
+        iterations = getattr(distiller, "iterations", None)
+        done = f"{record['new_classes']} new classes" if "new_classes" in record else "1 experience"
+        if record.get("updated_classes"):
+            done += f", {record['updated_classes']} updated"
+        run = f"{distiller.name}, {iterations} iterations" if iterations else distiller.name
+        print(f"DistilledBuffer: distilled {len(labels)} samples ({done}; {run}, on {distiller.device}) into "
+              f"{record['ipc']} images per class, memory {len(self.buffer)} images, {seconds:.1f} s",
+              file=sys.stderr, flush=True)
 
     def _label_space(self, exp: Any, labels: torch.Tensor) -> int:
         """Classes of the stream: as given, else the benchmark's (an online experience's origin benchmark), else
@@ -195,10 +246,48 @@ class DistilledBuffer(ExemplarsBuffer):
     def _rebuild(self) -> None:
         """Concatenate the sets into the AvalancheDataset that the replay loader draws from."""
         if not self.sets:
-            self.buffer = concat_datasets([])
+            self.buffer, self._row_targets = concat_datasets([]), None
             return
         images, labels, tasks = self.memory.tensors()
         self.buffer = memory_dataset(images, labels, tasks, label_as_tensor=self.label_as_tensor)
+        targets = self.memory.labelled()[1]
+        self._row_targets = targets if targets.ndim == 2 else None
+
+
+#: Distillation budget on CPU for distillers given by name: iterations of the iterative methods and ConvNet width.
+CPU_ITERATIONS, CPU_WIDTH = 150, 32
+
+
+def default_options(name: str, device: torch.device) -> dict[str, Any]:
+    """Device-fitted defaults for a distiller built by name: on CPU, CPU_ITERATIONS iterations (methods that take
+    `iterations`) on a ConvNet of width CPU_WIDTH (methods whose network is the ConvNet); elsewhere none, so the
+    distiller's own paper-scale defaults apply (DM: 1,000 iterations, width 128)."""
+    if device.type != "cpu":
+        return {}
+    accepted, options = accepted_options(name), {}
+    if "iterations" in accepted:
+        options["iterations"] = CPU_ITERATIONS
+    if "model_cfg" in accepted and default_model(name) == "convnet":
+        options["model_cfg"] = {"width": CPU_WIDTH}
+    return options
+
+
+def merge_options(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """`given` over `defaults`; a `model_cfg` merged key by key, and dropped from the defaults when `given` names
+    another network (`model`), whose options may differ."""
+    if given.get("model", "convnet") != "convnet":
+        defaults = {k: v for k, v in defaults.items() if k != "model_cfg"}
+    merged = {**defaults, **given}
+    if isinstance(defaults.get("model_cfg"), dict) and isinstance(given.get("model_cfg"), dict):
+        merged["model_cfg"] = {**defaults["model_cfg"], **given["model_cfg"]}
+    return merged
+
+
+class MemorySample(list):
+    """A memory sample (image, label[, task label]): a list, as Avalanche's datasets make of every sample, that
+    also carries its row in the memory (`row`), so that a collate function can find replayed rows in a batch."""
+
+    row: int | None = None
 
 
 class _MemoryTensors(torch.utils.data.TensorDataset):
@@ -208,9 +297,11 @@ class _MemoryTensors(torch.utils.data.TensorDataset):
         super().__init__(images, labels)
         self.label_as_tensor = label_as_tensor
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
+    def __getitem__(self, index: int) -> MemorySample:
         label = self.tensors[1][index]
-        return self.tensors[0][index], label if self.label_as_tensor else int(label)
+        sample = MemorySample([self.tensors[0][index], label if self.label_as_tensor else int(label)])
+        sample.row = int(index)
+        return sample
 
 
 def memory_dataset(images: torch.Tensor, labels: torch.Tensor, task_labels: torch.Tensor, *,
