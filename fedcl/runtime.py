@@ -1,11 +1,14 @@
-"""Device choice and seeding: the same code path on CUDA and CPU, reproducible from one integer seed."""
+"""Device choice and seeding: the same code path on CUDA and CPU, reproducible from one integer seed; and the code
+version a result was made with."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import subprocess
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -18,6 +21,34 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {str(device)!r} requested but CUDA is not available here; use --device cpu")
     return resolved
+
+
+#: The folders whose code shapes a result (the library, the strategies, the benchmark scripts).
+CODE_DIRS = ("fedcl", "strategies", "simulations")
+
+
+@functools.cache
+def code_version() -> str:
+    """The version of the code a result is made with, for benchmarks that reuse finished runs: the git tree
+    hashes of `CODE_DIRS` in this checkout (unchanged by commits that touch only docs or tests), marked "+dirty"
+    when they hold uncommitted changes; outside a git checkout, the installed package's version."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()
+
+    try:
+        trees = git("rev-parse", *(f"HEAD:{d}" for d in CODE_DIRS)).split()
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", *CODE_DIRS)
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"fedcl {version('fedcl')}"
+        except PackageNotFoundError:
+            return "unknown"
+    return "-".join(tree[:12] for tree in trees) + ("+dirty" if dirty else "")
 
 
 def generator(seed: int) -> torch.Generator:

@@ -32,6 +32,7 @@ from fedcl.avalanche.benchmarks import CLBenchmark, available_benchmarks, make_b
 from fedcl.avalanche.experiment import STRATEGIES, RunConfig, RunResult, run
 from fedcl.avalanche.report import markdown_table, plot_accuracy, summarise
 from fedcl.files import atomic_write, write_csv, write_json
+from fedcl.runtime import code_version
 
 _MEMORYLESS = ("naive", "joint")
 
@@ -73,9 +74,9 @@ def run_or_reuse(benchmark_name: str, benchmark: Callable[[], CLBenchmark], conf
     """Run one (seed, strategy, memory) or read it back from an earlier invocation with the same settings.
 
     The saved settings are compared after a JSON round trip, so a run is reused only where nothing that shapes
-    it (benchmark, epochs, distiller options, batch sizes, width, device, ...) has changed."""
+    it (the code version, benchmark, epochs, distiller options, batch sizes, width, device, ...) has changed."""
     path = out / "runs" / f"seed{config.seed}-{config.strategy}-mem{config.mem_size}.json"
-    settings = json.loads(json.dumps({"benchmark": benchmark_name, **asdict(config)}))
+    settings = json.loads(json.dumps({"benchmark": benchmark_name, **asdict(config), "code": code_version()}))
     if path.exists():
         saved = json.loads(path.read_text())
         if saved.get("settings") == settings:

@@ -38,7 +38,7 @@ from fedcl.data.datasets import ImageDataset
 from fedcl.distill.base import Source
 from fedcl.files import write_csv, write_json
 from fedcl.models import create_model
-from fedcl.runtime import generator, resolve_device, seeded
+from fedcl.runtime import code_version, generator, resolve_device, seeded
 
 METHODS = ("replay", "reservoir", "distilled")
 QUICK = {"train_per_class": 100, "test_per_class": 100, "dm_iterations": 20, "update_iterations": 2,
@@ -160,12 +160,13 @@ _PLAN_OPTIONS = ("quick", "seeds", "mem_sizes", "methods", "out", "data_root")
 def run_or_reuse(method: str, mem_size: int, seed: int, dataset: ImageDataset, args: argparse.Namespace,
                  device: torch.device) -> tuple[dict[str, Any], bool]:
     """`run_one`, or its row read back from OUT/runs when an earlier invocation made it with the same settings
-    (compared after a JSON round trip); a finished run is saved there at once, so an interrupted benchmark loses at
-    most the run in progress.  Without --out every run is made."""
+    and code version (compared after a JSON round trip); a finished run is saved there at once, so an interrupted
+    benchmark loses at most the run in progress.  Without --out every run is made."""
     if not args.out:
         return run_one(method, mem_size, seed, dataset, args, device), False
     settings = {k: v for k, v in vars(args).items() if k not in _PLAN_OPTIONS}
-    settings = json.loads(json.dumps({**settings, "method": method, "mem_size": mem_size, "seed": seed}))
+    settings = json.loads(json.dumps({**settings, "method": method, "mem_size": mem_size, "seed": seed,
+                                      "code": code_version()}))
     path = Path(args.out) / "runs" / f"seed{seed}-{method}-mem{mem_size}.json"
     if path.exists():
         saved = json.loads(path.read_text())

@@ -26,6 +26,7 @@ from fedcl.files import atomic_write, write_csv, write_json
 from fedcl.flower.results import plot_tasks, read_csv, task_summary, task_table, total
 from fedcl.flower.settings import FedSettings, changed_settings
 from fedcl.flower.simulation import simulate, write_partitions
+from fedcl.runtime import code_version
 
 #: The strategies of the comparison, in table order, with their descriptions.
 LABELS = {"fedavg": "naive federated fine-tuning (no memory)",
@@ -59,7 +60,7 @@ def run_comparison(base: FedSettings, n_clients: int, strategies: list[str], see
                     write_partitions(settings, n_clients)
                     simulate(settings, n_clients, engine=engine, verbose=verbose)
                     write_json(Path(settings.out_dir) / FINISHED, {"settings": settings.to_config(),
-                                                                   "clients": n_clients})
+                                                                   "clients": n_clients, "code": code_version()})
                 rows = read_csv(Path(settings.out_dir) / "tasks.csv")
                 runs[strategy].append(rows)
                 combined += [{"strategy": strategy, "seed": seed, **r} for r in rows]
@@ -81,15 +82,16 @@ def run_comparison(base: FedSettings, n_clients: int, strategies: list[str], see
 
 def _finished(settings: FedSettings, n_clients: int) -> bool:
     """Whether the run of `settings` already finished in an earlier invocation: its finished.json names the same
-    settings (apart from its own folder, and those the strategy never reads) and number of clients, so a finished
-    run copied into another OUT counts there too (a run of other settings in that folder is repeated, and
-    overwritten)."""
+    code version (`fedcl.runtime.code_version`), settings (apart from its own folder, and those the strategy never
+    reads) and number of clients, so a finished run copied into another OUT counts there too (a run of other code
+    or settings in that folder is repeated, and overwritten)."""
     marker = Path(settings.out_dir) / FINISHED
     if not marker.exists():
         return False
     saved = json.loads(marker.read_text())
-    return saved.get("clients") == n_clients and not changed_settings(saved.get("settings", {}), settings.to_config(),
-                                                                      ignore=settings.unread_keys | {"out-dir"})
+    same = saved.get("clients") == n_clients and saved.get("code") == code_version()
+    return same and not changed_settings(saved.get("settings", {}), settings.to_config(),
+                                         ignore=settings.unread_keys | {"out-dir"})
 
 
 @contextmanager
