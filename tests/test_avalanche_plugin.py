@@ -193,3 +193,16 @@ def test_batches_that_lose_their_memory_rows_warn_and_keep_the_criterions_loss()
     assert sum("memory rows" in str(w.message) for w in caught) == 1  # once, not every batch
     assert spy.batches and all(torch.allclose(loss, torch.nn.functional.cross_entropy(output, y))
                                for loss, output, _, y, _ in spy.batches)
+
+
+def test_a_memory_of_data_of_unknown_normalisation_keeps_its_pixels(digits):
+    """Without `source` the plugin knows nothing of the data's range, so it must not clip the images into [0, 1]
+    (normalised images span about -0.8..2 on Fashion-MNIST): a random-coreset memory holds the real images."""
+    benchmark = make_benchmark("split-digits", seed=0)
+    plugin = DistilledReplayPlugin(mem_size=10, distiller="random", progress=False)
+    strategy = _naive(plugin, [])
+    strategy.train(benchmark.scenario.train_stream[0])
+    held = torch.stack([plugin.storage_policy.buffer[i][0] for i in range(len(plugin.storage_policy.buffer))])
+    assert held.min() < 0 and held.max() > 1  # digits' normalised pixels, outside [0, 1]
+    nearest = torch.cdist(held.flatten(1), digits.train_images.flatten(1), compute_mode="donot_use_mm_for_euclid_dist")
+    assert nearest.min(dim=1).values.max() == 0

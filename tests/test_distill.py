@@ -132,3 +132,17 @@ def test_dm_on_cuda_with_amp(digits):
     dm = create_distiller("dm", iterations=5, model_cfg=SMALL, device="cuda", amp=True)
     synset = dm.distill(digits.train_images, digits.train_labels, ipc=2)
     assert synset.images.device.type == "cpu" and torch.isfinite(synset.images).all()
+
+
+def test_only_a_known_source_projects_the_images_into_its_pixel_range(digits):
+    from fedcl.distill import Source, create_distiller
+
+    images, labels = digits.train_images[:200], digits.train_labels[:200]
+    made = {}
+    for name, source in (("known", Source.of(digits)), ("unnamed", Source()), ("none", None)):
+        dm = create_distiller("dm", iterations=1, init="noise", batch_real=8, model_cfg={"width": 4}, seed=0)
+        made[name] = dm.distill(images, labels, ipc=2, n_classes=10, source=source).images
+    mean, std = digits.mean[0], digits.std[0]
+    assert made["known"].min() >= -mean / std - 1e-6 and made["known"].max() <= (1 - mean) / std + 1e-6
+    assert torch.equal(made["unnamed"], made["none"])
+    assert made["none"].min() < -mean / std or made["none"].max() > (1 - mean) / std  # noise, left as made

@@ -53,6 +53,12 @@ class Source:
     def of(cls, dataset: ImageDataset) -> Source:
         return cls(dataset.name, dataset.mean, dataset.std)
 
+    @property
+    def known(self) -> bool:
+        """Whether this names a dataset, and so a normalisation to trust: an unnamed source (the default, for data
+        of unknown normalisation, such as a user's Avalanche stream) says nothing about the pixels' range."""
+        return self.dataset != "unknown"
+
     def clamp(self, images: torch.Tensor) -> torch.Tensor:
         """`images` (N, C, H, W, normalised by this source) projected into the range of real pixels, per channel
         (0 - mean) / std .. (1 - mean) / std: a synthetic image is an image (a start from noise, or a long run,
@@ -134,7 +140,8 @@ class Distiller(ABC):
     def distill(self, images: torch.Tensor, labels: torch.Tensor, *, ipc: int, n_classes: int | None = None,
                 source: Source | None = None, callback: ProgressCallback | None = None) -> SyntheticSet:
         """Compress (images, labels) into `ipc` synthetic images for every class present in `labels`; with a
-        `source`, the images end projected into its range of real pixels (`Source.clamp`)."""
+        known `source` (one that names its dataset), the images end projected into its range of real pixels
+        (`Source.clamp`); with none or an unnamed one they are left as made, as the data's range is unknown."""
         if images.ndim != 4 or labels.ndim != 1 or images.shape[0] != labels.shape[0] or images.shape[0] == 0:
             raise ValueError(f"expected images (N, C, H, W) and labels (N,) with N > 0, got {tuple(images.shape)} "
                              f"and {tuple(labels.shape)}")
@@ -147,7 +154,7 @@ class Distiller(ABC):
         start = time.perf_counter()
         self._clock = {"start": start, "run": None, "stopped_by_budget": False}
         result = self._distill(images.float(), labels, ipc, n_classes, callback)
-        if source is not None:
+        if source is not None and source.known:
             result.images = source.clamp(result.images)
         source = source or Source()
         seconds = time.perf_counter() - start
