@@ -18,10 +18,11 @@ from strategies.continual import ContinualFedAvg, TaskSchedule
 from strategies.fed_distill import FedDistill
 from strategies.fedavg import AGGREGATORS, MeteredFedAvg, MeteredFedMedian, MeteredFedTrimmedAvg, MeteredKrum
 from strategies.hybrid import FedAvgDistill
-from strategies.memory import SyntheticMemory, train_on_memory
+from strategies.memory import MemoryTraining, ServerTraining, SyntheticMemory, train_on_memory
 from strategies.metered import Metered
 from strategies.traffic import MeteredGrid, RoundTraffic, TrafficLog
 
-__all__ = ["AGGREGATORS", "DISTILL_MESSAGE", "ContinualFedAvg", "FedAvgDistill", "FedDistill", "Metered",
+__all__ = ["AGGREGATORS", "DISTILL_MESSAGE", "ContinualFedAvg", "FedAvgDistill", "FedDistill", "MemoryTraining",
+           "Metered",
            "MeteredFedAvg", "MeteredFedMedian", "MeteredFedTrimmedAvg", "MeteredGrid", "MeteredKrum", "RoundTraffic",
-           "SyntheticMemory", "TaskSchedule", "TrafficLog", "train_on_memory"]
+           "ServerTraining", "SyntheticMemory", "TaskSchedule", "TrafficLog", "train_on_memory"]

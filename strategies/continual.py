@@ -22,7 +22,7 @@ from fedcl.synthetic import SyntheticMeta, SyntheticSet
 from fedcl.train import TrainConfig
 from strategies.boundary import admit, array_problem, layout, metric_problem
 from strategies.fed_distill import distill_reply_problem, distill_requests
-from strategies.memory import SyntheticMemory, train_on_memory
+from strategies.memory import MemoryTraining, ServerTraining, SyntheticMemory
 from strategies.metered import Metered, MetricsAggregation
 
 
@@ -106,6 +106,10 @@ class ContinualFedAvg(Metered, FedAvg):
     audit : Callable[[SyntheticSet], int] | None (default: None)
         Counts the near-copies of training images in an uploaded set (`fedcl.audit.Auditor.near_copies`, for a
         server that holds the training split, as in simulations); the counts by round are `memory.near_copies`.
+    server_training : ServerTraining | None (default: None)
+        How the server trains on its pooled memory: a callable (arrays, memory, server round) -> arrays, e.g. a
+        user's own trainer; None trains the global model with `MemoryTraining`
+        (model, model_cfg, finetune_config, device, seed).
     max_examples : int
         As in `strategies.metered.Metered`: the most examples one reply may weigh (larger claims are clipped).
     fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes, weighted_by_key,
@@ -121,6 +125,7 @@ class ContinualFedAvg(Metered, FedAvg):
                  max_images_per_client: int = 10_000, max_bytes_per_client: int | None = None,
                  pixel_range: tuple[float, float] | None = None, device: str = "auto", seed: int = 0,
                  max_examples: int = MAX_COUNT, audit: Callable[[SyntheticSet], int] | None = None,
+                 server_training: ServerTraining | None = None,
                  fraction_train: float = 1.0, fraction_evaluate: float = 1.0, min_train_nodes: int = 2,
                  min_evaluate_nodes: int = 2, min_available_nodes: int = 2, weighted_by_key: str = "num-examples",
                  arrayrecord_key: str = "arrays", configrecord_key: str = "config",
@@ -139,6 +144,8 @@ class ContinualFedAvg(Metered, FedAvg):
         self.distill_with_model, self.rehearse = distill_with_model or rehearse, rehearse
         self.model, self.model_cfg, self.finetune_config = model, dict(model_cfg or {}), finetune_config
         self.device, self.seed = device, seed
+        self.server_training = server_training or MemoryTraining(model, finetune_config, self.model_cfg, device,
+                                                                 seed)
         self.memory = SyntheticMemory(
             image_shape=image_shape, n_classes=n_classes, policy="all", max_images=max_images_per_client,
             max_bytes=max_bytes_per_client or max_set_bytes(image_shape, n_classes, max_images_per_client),
@@ -191,9 +198,7 @@ class ContinualFedAvg(Metered, FedAvg):
             self.memory.accept(server_round, replies, self.traffic)
             start = arrays if arrays is not None else self.sent_arrays
             if len(self.memory) and start is not None:
-                arrays = train_on_memory(start, self.memory, model=self.model, model_cfg=self.model_cfg,
-                                         config=self.finetune_config, device=self.device,
-                                         seed=self.seed + server_round)
+                arrays = self.server_training(start, self.memory, server_round)
         client_memory = sum(r.content[METRICS].get(MEMORY_IMAGES, 0) for r in replies)
         metrics = MetricRecord({"clients-ok": len(replies), "server-memory-images": len(self.memory),
                                 "client-memory-images": client_memory, **self.failure_metrics(server_round)})

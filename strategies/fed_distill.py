@@ -25,7 +25,7 @@ from fedcl.screen import EmbeddingScreen, create_screen
 from fedcl.synthetic import SyntheticSet
 from fedcl.train import TrainConfig
 from strategies.boundary import admit, metric_problem, record_problem
-from strategies.memory import SyntheticMemory, train_on_memory
+from strategies.memory import MemoryTraining, ServerTraining, SyntheticMemory
 from strategies.metered import Metered, MetricsAggregation
 
 
@@ -78,6 +78,10 @@ class FedDistill(Metered, FedAvg):
     audit : Callable[[SyntheticSet], int] | None (default: None)
         Counts the near-copies of training images in an uploaded set (`fedcl.audit.Auditor.near_copies`, for a
         server that holds the training split, as in simulations); the counts by round are `memory.near_copies`.
+    server_training : ServerTraining | None (default: None)
+        How the server trains on its pooled memory: a callable (arrays, memory, server round) -> arrays, e.g. a
+        user's own trainer; None trains the global model with `MemoryTraining`
+        (model, model_cfg, train_config, device, seed).
     max_examples : int
         As in `strategies.metered.Metered`: the most examples one reply may weigh (larger claims are clipped).
     fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes, weighted_by_key,
@@ -93,6 +97,7 @@ class FedDistill(Metered, FedAvg):
                  pixel_range: tuple[float, float] | None = None, screen: str = "none",
                  screen_threshold: float = EmbeddingScreen.threshold, guide_with_global: bool = True,
                  device: str = "auto", seed: int = 0, audit: Callable[[SyntheticSet], int] | None = None,
+                 server_training: ServerTraining | None = None,
                  max_examples: int = MAX_COUNT,
                  fraction_train: float = 1.0, fraction_evaluate: float = 1.0, min_train_nodes: int = 2,
                  min_evaluate_nodes: int = 2, min_available_nodes: int = 2, weighted_by_key: str = "num-examples",
@@ -106,6 +111,7 @@ class FedDistill(Metered, FedAvg):
                          arrayrecord_key=arrayrecord_key, configrecord_key=configrecord_key,
                          train_metrics_aggr_fn=train_metrics_aggr_fn, evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn)
         self.guide_with_global, self.device, self.seed = guide_with_global, device, seed
+        self.server_training = server_training or MemoryTraining(model, train_config, self.model_cfg, device, seed)
         self.memory = SyntheticMemory(
             image_shape=image_shape, n_classes=n_classes, policy=memory, max_images=max_images_per_client,
             max_bytes=max_bytes_per_client or max_set_bytes(image_shape, n_classes, max_images_per_client),
@@ -133,8 +139,7 @@ class FedDistill(Metered, FedAvg):
         if len(self.memory) == 0 or self.sent_arrays is None:
             log(INFO, "aggregate_train: no synthetic data yet; the global model is unchanged")
             return None, metrics
-        arrays = train_on_memory(self.sent_arrays, self.memory, model=self.model, model_cfg=self.model_cfg,
-                                 config=self.train_config, device=self.device, seed=self.seed + server_round)
+        arrays = self.server_training(self.sent_arrays, self.memory, server_round)
         return arrays, metrics
 
 

@@ -17,7 +17,7 @@ from fedcl.synthetic import SyntheticSet
 from fedcl.train import TrainConfig
 from strategies.boundary import admit
 from strategies.fed_distill import distill_reply_problem, distill_requests
-from strategies.memory import SyntheticMemory, train_on_memory
+from strategies.memory import MemoryTraining, ServerTraining, SyntheticMemory
 from strategies.metered import Metered, MetricsAggregation
 
 
@@ -65,6 +65,10 @@ class FedAvgDistill(Metered, FedAvg):
     audit : Callable[[SyntheticSet], int] | None (default: None)
         Counts the near-copies of training images in an uploaded set (`fedcl.audit.Auditor.near_copies`, for a
         server that holds the training split, as in simulations); the counts by round are `memory.near_copies`.
+    server_training : ServerTraining | None (default: None)
+        How the server trains on its pooled memory: a callable (arrays, memory, server round) -> arrays, e.g. a
+        user's own trainer; None trains the average with `MemoryTraining`
+        (model, model_cfg, finetune_config, device, seed).
     max_examples : int
         As in `strategies.metered.Metered`: the most examples one reply may weigh (larger claims are clipped).
     fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes, weighted_by_key,
@@ -79,7 +83,8 @@ class FedAvgDistill(Metered, FedAvg):
                  max_images_per_client: int = 10_000, max_bytes_per_client: int | None = None,
                  pixel_range: tuple[float, float] | None = None, screen: str = "none",
                  screen_threshold: float = EmbeddingScreen.threshold, device: str = "auto", seed: int = 0,
-                 audit: Callable[[SyntheticSet], int] | None = None, max_examples: int = MAX_COUNT,
+                 audit: Callable[[SyntheticSet], int] | None = None,
+                 server_training: ServerTraining | None = None, max_examples: int = MAX_COUNT,
                  fraction_train: float = 1.0, fraction_evaluate: float = 1.0, min_train_nodes: int = 2,
                  min_evaluate_nodes: int = 2, min_available_nodes: int = 2, weighted_by_key: str = "num-examples",
                  arrayrecord_key: str = "arrays", configrecord_key: str = "config",
@@ -92,6 +97,8 @@ class FedAvgDistill(Metered, FedAvg):
                          arrayrecord_key=arrayrecord_key, configrecord_key=configrecord_key,
                          train_metrics_aggr_fn=train_metrics_aggr_fn, evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn)
         self.distill_rounds, self.device, self.seed = tuple(distill_rounds), device, seed
+        self.server_training = server_training or MemoryTraining(model, finetune_config, self.model_cfg, device,
+                                                                 seed)
         self.memory = SyntheticMemory(
             image_shape=image_shape, n_classes=n_classes, policy=memory, max_images=max_images_per_client,
             max_bytes=max_bytes_per_client or max_set_bytes(image_shape, n_classes, max_images_per_client),
@@ -120,8 +127,7 @@ class FedAvgDistill(Metered, FedAvg):
                            self.traffic)
         arrays, metrics = super().aggregate_train(server_round, updates)
         if arrays is not None and len(self.memory) > 0:
-            arrays = train_on_memory(arrays, self.memory, model=self.model, model_cfg=self.model_cfg,
-                                     config=self.finetune_config, device=self.device, seed=self.seed + server_round)
+            arrays = self.server_training(arrays, self.memory, server_round)
         metrics = MetricRecord({**(metrics or {}), MEMORY_IMAGES: len(self.memory),
                                 **self.failure_metrics(server_round)})
         return arrays, metrics

@@ -8,6 +8,7 @@ screen, audit, reported privacy budget, failures in the traffic log) and applies
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from logging import WARNING
 from pathlib import Path
 from typing import Any
@@ -174,3 +175,24 @@ def train_on_memory(arrays: ArrayRecord, memory: SyntheticMemory, *, model: str,
         log(WARNING, "training on the pooled memory diverged to non-finite weights; the model is unchanged")
         return arrays
     return trained
+
+
+#: Server-side training, injected into the strategies that train on their pooled memory: (the global model's
+#: arrays, the memory, the server round) -> the new arrays.
+ServerTraining = Callable[[ArrayRecord, SyntheticMemory, int], ArrayRecord]
+
+
+@dataclass(frozen=True)
+class MemoryTraining:
+    """The strategies' default server-side training: `train_on_memory` with this model (a `fedcl.models` name and
+    its options), training configuration and device, seeded by `seed` plus the round."""
+
+    model: str
+    config: TrainConfig
+    model_cfg: dict = field(default_factory=dict)
+    device: str = "auto"
+    seed: int = 0
+
+    def __call__(self, arrays: ArrayRecord, memory: SyntheticMemory, server_round: int) -> ArrayRecord:
+        return train_on_memory(arrays, memory, model=self.model, model_cfg=self.model_cfg, config=self.config,
+                               device=self.device, seed=self.seed + server_round)
