@@ -67,9 +67,12 @@ class FedSettings:
 
     dataset: str = _setting("digits", "digits (embedded), fashion-mnist, mnist, cifar10")
     data_root: str = _setting("", "directory with the dataset files (empty: the dataset's default place)")
-    partitioner: str = _setting("dirichlet", "how the training split is shared out",
-                                choices=("iid", "dirichlet", "classes"))
-    alpha: float = _setting(0.5, "Dirichlet concentration of the dirichlet partitioner")
+    partitioner: str = _setting("dirichlet", "how the training split is shared out: iid, dirichlet (each class "
+                                "split across clients by Dirichlet(alpha) proportions), dirichlet-sized (every "
+                                "client the same number of samples, its class mix from Dirichlet(alpha * class "
+                                "shares); for many small clients), classes",
+                                choices=("iid", "dirichlet", "dirichlet-sized", "classes"))
+    alpha: float = _setting(0.5, "Dirichlet concentration of the dirichlet and dirichlet-sized partitioners")
     classes_per_client: int = _setting(2, "k of the classes partitioner: classes per client")
     seed: int = _setting(0, "seed of partitions, models and distillation (never of DP noise)")
     model: str = _setting("convnet", "global model: convnet, mlp, lenet")
