@@ -57,6 +57,13 @@ def test_dirichlet_sized_gives_every_client_the_same_size(labels):
     assert everything.unique().numel() == everything.numel() == 7 * (labels.numel() // 7)
 
 
+def test_dirichlet_sized_with_a_fixed_size_per_client(labels):
+    parts = partition(labels, 20, "dirichlet-sized", alpha=0.5, seed=0, size=6)
+    assert {p.numel() for p in parts} == {6} and torch.cat(parts).unique().numel() == 120
+    with pytest.raises(ValueError, match="size"):
+        partition_dirichlet_sized(labels, 20, alpha=0.5, size=labels.numel() // 20 + 1)
+
+
 def test_dirichlet_sized_skew_grows_as_alpha_shrinks(labels):
     skewed = _dominance(labels, partition_dirichlet_sized(labels, 10, alpha=0.1, seed=0))
     medium = _dominance(labels, partition_dirichlet_sized(labels, 10, alpha=1.0, seed=0))

@@ -60,16 +60,18 @@ def partition_dirichlet(labels: torch.Tensor, n_clients: int, *, alpha: float, s
                      f"in {max_attempts} draws; use fewer clients or a larger alpha")
 
 
-def partition_dirichlet_sized(labels: torch.Tensor, n_clients: int, *, alpha: float,
-                              seed: int = 0) -> list[torch.Tensor]:
-    """Client-wise label skew with equal sizes: every client gets `labels.numel() // n_clients` samples, its class
-    mix q drawn from Dirichlet(alpha * p), p the class shares of the whole split (Hsu et al. 2019).
+def partition_dirichlet_sized(labels: torch.Tensor, n_clients: int, *, alpha: float, seed: int = 0,
+                              size: int = 0) -> list[torch.Tensor]:
+    """Client-wise label skew with equal sizes: every client gets `size` samples (0: `labels.numel() // n_clients`,
+    the whole split shared out), its class mix q drawn from Dirichlet(alpha * p), p the class shares of the whole
+    split (Hsu et al. 2019).  A `size` below the share gives a federation of that many clients with `size` samples
+    each, as in cross-device runs whose clients hold a few samples whatever their number.
 
     Samples are drawn without replacement from per-class pools (each shuffled once): a client's counts are a
     multinomial draw from q; what a class pool cannot supply is drawn again from q renormalised over the classes
     left, so every client is full and no sample is dealt twice.  Unlike `partition_dirichlet` (each class split
-    across clients), this never fails for many small clients, e.g. 10,000 clients of 6 images; the
-    `labels.numel() % n_clients` samples left over belong to no client.  Small alpha concentrates each client on
+    across clients), this never fails for many small clients, e.g. 10,000 clients of 6 images; the samples left
+    over (`labels.numel() - n_clients * size`) belong to no client.  Small alpha concentrates each client on
     few classes; large alpha gives each client nearly the split's class shares.
     """
     _check(labels, n_clients)
@@ -83,7 +85,11 @@ def partition_dirichlet_sized(labels: torch.Tensor, n_clients: int, *, alpha: fl
     pools = [pool[torch.randperm(pool.numel(), generator=gen)] for pool in pools]
     used = [0] * n_classes
     left = counts.clone()
-    size = labels.numel() // n_clients
+    share = labels.numel() // n_clients
+    if not 0 <= size <= share:
+        raise ValueError(f"size (samples per client) must lie in 0..{share} for {n_clients} clients of "
+                         f"{labels.numel()} samples, got {size}")
+    size = size or share
     concentration = (float(alpha) * prior).clamp_min(1e-12)
     parts = []
     for _ in range(n_clients):
@@ -131,14 +137,15 @@ def partition_classes(labels: torch.Tensor, n_clients: int, *, k: int, seed: int
 
 
 def partition(labels: torch.Tensor, n_clients: int, scheme: str = "iid", *, alpha: float = 0.5, k: int = 2,
-              seed: int = 0) -> list[torch.Tensor]:
-    """Partition by scheme name: "iid", "dirichlet" or "dirichlet-sized" (use `alpha`) or "classes" (uses `k`)."""
+              seed: int = 0, size: int = 0) -> list[torch.Tensor]:
+    """Partition by scheme name: "iid", "dirichlet" or "dirichlet-sized" (use `alpha`; dirichlet-sized also
+    `size`, the samples per client, 0: all shared out) or "classes" (uses `k`)."""
     if scheme == "iid":
         return partition_iid(labels, n_clients, seed=seed)
     if scheme == "dirichlet":
         return partition_dirichlet(labels, n_clients, alpha=alpha, seed=seed)
     if scheme == "dirichlet-sized":
-        return partition_dirichlet_sized(labels, n_clients, alpha=alpha, seed=seed)
+        return partition_dirichlet_sized(labels, n_clients, alpha=alpha, seed=seed, size=size)
     if scheme == "classes":
         return partition_classes(labels, n_clients, k=k, seed=seed)
     raise ValueError(f"unknown partition scheme {scheme!r}; choose one of {list(PARTITIONERS)}")
