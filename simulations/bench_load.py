@@ -25,10 +25,14 @@ per-reply cap (`fedcl.flower.records.max_set_bytes` of ipc x classes images) tim
     python simulations/bench_load.py --dataset fashion-mnist --partitioner dirichlet-sized --client-samples 6 \\
         --clients 10 100 1000 10000 --per-round 100 --engine local --out runs/bench_load_fd
     python simulations/bench_load.py --plot docs/bench-load.png --plot-from runs/bench_load_fd runs/other
+    python simulations/bench_load.py --node-cost 100 10000 --dataset fashion-mnist --partitioner dirichlet-sized \
+        --client-samples 6
 
 Prints a markdown table and writes it to OUT/results.md (and the rows to OUT/results.json); `--plot PNG
 --plot-from DIR...` draws round time and peak RSS against clients from the results.json of earlier runs (one line
-per run) and prints their rows as one table.
+per run) and prints their rows as one table.  `--node-cost N...` measures what the local engine's nodes cost before
+any round: in a fresh process per count, the growth of RSS and of Python's traced allocations while it builds the
+`LocalGrid` of N nodes (one `Context` each) and the clients' cached partition of N shares.
 """
 
 from __future__ import annotations
@@ -63,6 +67,11 @@ def tree_rss(process: psutil.Process) -> int:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return total
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a child process: quiet Flower and Ray, and this checkout's fedcl first on the path."""
+    return {**os.environ, **QUIET_ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
 def engine_for(n_clients: int, engine: str) -> str:
@@ -120,7 +129,7 @@ def run_one(n_clients: int, args: argparse.Namespace) -> dict:
     """One `fedcl simulate` process with `n_clients`; returns its wall time, round time, peak tree RSS, bytes and
     outcome."""
     out = Path(args.out) / f"clients{n_clients}"
-    env = {**os.environ, **QUIET_ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = child_env()
     out.mkdir(parents=True, exist_ok=True)
     start, peak = time.perf_counter(), 0
     with open(out / "log.txt", "w") as log:  # a file, not a pipe: 100 clients' logs would fill a pipe and block
@@ -149,6 +158,31 @@ def run_one(n_clients: int, args: argparse.Namespace) -> dict:
             "uplink_bytes": uplink, "uplink_per_reply": round(uplink / max(1, replies)),
             "downlink_bytes": sum(int(r["downlink_bytes"]) for r in done),
             "accuracy": float(rows[-1]["accuracy"]), **pool(out), "ok": True}
+
+
+def node_cost(n_clients: int, args: argparse.Namespace) -> dict:
+    """In this process: RSS and traced Python bytes that building the local engine's `n_clients` nodes and the
+    clients' cached partition (`fedcl.flower.node._partition`, what every client looks its share up in) add."""
+    import gc
+    import tracemalloc
+
+    from fedcl.flower.client_app import app
+    from fedcl.flower.local_grid import LocalGrid
+    from fedcl.flower.node import _dataset, _partition
+
+    _dataset(args.dataset, "")  # the dataset is loaded once per process, whatever the number of nodes
+    gc.collect()
+    me = psutil.Process()
+    before = me.memory_info().rss
+    tracemalloc.start()
+    grid = LocalGrid(app, n_clients)
+    parts = _partition(args.dataset, "", n_clients, args.partitioner, args.alpha, 2, 0, args.client_samples)
+    traced = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    grown = me.memory_info().rss - before
+    assert len(grid.contexts) == len(parts) == n_clients
+    return {"clients": n_clients, "rss_growth_mib": round(grown / 2**20, 1), "traced_mib": round(traced / 2**20, 1),
+            "bytes_per_node": round(max(grown, traced) / n_clients)}
 
 
 def markdown(results: list[dict]) -> str:
@@ -226,6 +260,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/bench_load")
     p.add_argument("--plot", default=None, help="write this PNG from the results.json under --plot-from")
     p.add_argument("--plot-from", nargs="+", default=[], help="output folders of earlier runs (with --plot)")
+    p.add_argument("--node-cost", type=int, nargs="+", default=None,
+                   help="measure the memory the local engine's nodes and partition cost for these client counts")
+    p.add_argument("--node-cost-here", type=int, default=None, help=argparse.SUPPRESS)  # one count, this process
     return p
 
 
@@ -238,6 +275,20 @@ def main(argv: list[str] | None = None) -> int:
             series[rows[0]["label"]] = rows
         print(markdown([r for rows in series.values() for r in rows]))
         print(f"wrote {plot(series, Path(args.plot))}")
+        return 0
+    if args.node_cost_here is not None:
+        print(json.dumps(node_cost(args.node_cost_here, args)))
+        return 0
+    if args.node_cost:
+        lines = ["| clients | RSS growth MiB | traced Python MiB | bytes / node |", "| ---: | ---: | ---: | ---: |"]
+        for n in args.node_cost:  # a fresh process per count: freed memory of a larger count would hide a smaller
+            forwarded = ["--dataset", args.dataset, "--partitioner", args.partitioner, "--alpha", str(args.alpha),
+                         "--client-samples", str(args.client_samples), "--node-cost-here", str(n)]
+            done = subprocess.run([sys.executable, __file__, *forwarded], check=True, capture_output=True, text=True,
+                                  env=child_env())
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            lines.append(f"| {r['clients']} | {r['rss_growth_mib']} | {r['traced_mib']} | {r['bytes_per_node']:,} |")
+        print("\n".join(lines))
         return 0
     if args.fraction <= 0 or args.fraction > 1 or (args.per_round is not None and args.per_round < 1):
         raise SystemExit("--fraction must lie in (0, 1] and --per-round be >= 1")

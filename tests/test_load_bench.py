@@ -40,3 +40,10 @@ def test_a_tiny_sampled_local_run_completes(bench_script, tmp_path):
     assert "| fed-distill | 20 | local | 5 | 1 |" in (tmp_path / "results.md").read_text()
     assert bench.main(["--plot", str(tmp_path / "load.png"), "--plot-from", str(tmp_path)]) == 0
     assert (tmp_path / "load.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_node_cost_builds_the_nodes_and_the_partition(bench_script):
+    bench = bench_script("bench_load")
+    args = bench.parser().parse_args(["--partitioner", "dirichlet-sized", "--client-samples", "6"])
+    cost = bench.node_cost(50, args)
+    assert cost["clients"] == 50 and cost["bytes_per_node"] > 0
