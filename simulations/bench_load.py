@@ -203,8 +203,8 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(series: dict[str, list[dict]], path: Path) -> Path:
-    """Round time and peak RSS against clients (log scale), one line per run label."""
+def plot(series: dict[str, list[dict]], path: Path, title: str = "") -> Path:
+    """Round time and peak RSS against clients (log scale), one line per run label, under `title`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -226,7 +226,7 @@ def plot(series: dict[str, list[dict]], path: Path) -> Path:
         ax.legend(fontsize="small")
     left.set_title("round time")
     right.set_title("peak memory")
-    fig.suptitle("fedcl simulate: load against the number of clients")
+    fig.suptitle(title or "fedcl simulate: load against the number of clients")
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -259,6 +259,7 @@ def parser() -> argparse.ArgumentParser:
                                                  "scenario)")
     p.add_argument("--out", default="runs/bench_load")
     p.add_argument("--plot", default=None, help="write this PNG from the results.json under --plot-from")
+    p.add_argument("--title", default="", help="title of the --plot figure")
     p.add_argument("--plot-from", nargs="+", default=[], help="output folders of earlier runs (with --plot)")
     p.add_argument("--node-cost", type=int, nargs="+", default=None,
                    help="measure the memory the local engine's nodes and partition cost for these client counts")
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = json.loads((Path(folder) / "results.json").read_text())
             series[rows[0]["label"]] = rows
         print(markdown([r for rows in series.values() for r in rows]))
-        print(f"wrote {plot(series, Path(args.plot))}")
+        print(f"wrote {plot(series, Path(args.plot), args.title)}")
         return 0
     if args.node_cost_here is not None:
         print(json.dumps(node_cost(args.node_cost_here, args)))
