@@ -31,6 +31,9 @@ def test_bad_values_are_clear_errors():
         FedSettings(upload_dtype="int8")
     with pytest.raises(ValueError, match="min-class-images"):
         FedSettings(min_class_images=0)
+    with pytest.raises(ValueError, match="client-samples"):
+        FedSettings(client_samples=6)  # the default partitioner is the class-wise dirichlet
+    assert FedSettings(partitioner="dirichlet-sized", client_samples=6).client_samples == 6
 
 
 def test_a_setting_missing_from_an_older_record_counts_as_its_default():

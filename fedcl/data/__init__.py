@@ -17,6 +17,7 @@ from fedcl.data.partition import (
     partition,
     partition_classes,
     partition_dirichlet,
+    partition_dirichlet_sized,
     partition_iid,
     plot_histogram,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "partition",
     "partition_classes",
     "partition_dirichlet",
+    "partition_dirichlet_sized",
     "partition_iid",
     "plot_histogram",
     "read_idx",

@@ -1,4 +1,5 @@
-"""Client partitions of a labelled training set: IID, Dirichlet label skew and k classes per client.
+"""Client partitions of a labelled training set: IID, Dirichlet label skew (class-wise, or client-wise with equal
+client sizes) and k classes per client.
 
 Federated experiments give each of `n_clients` clients a disjoint share of the training split.  Every partition is
 a pure function of (labels, n_clients, scheme parameters, seed), so a client can rebuild its own share from its
@@ -16,7 +17,7 @@ import torch
 from fedcl.files import save_figure
 from fedcl.runtime import generator as make_generator
 
-PARTITIONERS = ("iid", "dirichlet", "classes")
+PARTITIONERS = ("iid", "dirichlet", "dirichlet-sized", "classes")
 #: `plot_histogram` draws at most this many clients' bars.
 MAX_PLOTTED_CLIENTS = 200
 
@@ -59,6 +60,59 @@ def partition_dirichlet(labels: torch.Tensor, n_clients: int, *, alpha: float, s
                      f"in {max_attempts} draws; use fewer clients or a larger alpha")
 
 
+def partition_dirichlet_sized(labels: torch.Tensor, n_clients: int, *, alpha: float, seed: int = 0,
+                              size: int = 0) -> list[torch.Tensor]:
+    """Client-wise label skew with equal sizes: every client gets `size` samples (0: `labels.numel() // n_clients`,
+    the whole split shared out), its class mix q drawn from Dirichlet(alpha * p), p the class shares of the whole
+    split (Hsu et al. 2019).  A `size` below the share gives a federation of that many clients with `size` samples
+    each, as in cross-device runs whose clients hold a few samples whatever their number.
+
+    Samples are drawn without replacement from per-class pools (each shuffled once): a client's counts are a
+    multinomial draw from q; what a class pool cannot supply is drawn again from q renormalised over the classes
+    left, so every client is full and no sample is dealt twice.  Unlike `partition_dirichlet` (each class split
+    across clients), this never fails for many small clients, e.g. 10,000 clients of 6 images; the samples left
+    over (`labels.numel() - n_clients * size`) belong to no client.  Small alpha concentrates each client on
+    few classes; large alpha gives each client nearly the split's class shares.
+    """
+    _check(labels, n_clients)
+    if alpha <= 0:
+        raise ValueError(f"Dirichlet alpha must be > 0, got {alpha}")
+    gen = make_generator(seed)
+    n_classes = int(labels.max()) + 1
+    counts = torch.bincount(labels, minlength=n_classes)
+    prior = counts.double() / counts.sum()
+    pools = [torch.nonzero(labels == c).flatten() for c in range(n_classes)]
+    pools = [pool[torch.randperm(pool.numel(), generator=gen)] for pool in pools]
+    used = [0] * n_classes
+    left = counts.clone()
+    share = labels.numel() // n_clients
+    if not 0 <= size <= share:
+        raise ValueError(f"size (samples per client) must lie in 0..{share} for {n_clients} clients of "
+                         f"{labels.numel()} samples, got {size}")
+    size = size or share
+    concentration = (float(alpha) * prior).clamp_min(1e-12)
+    parts = []
+    for _ in range(n_clients):
+        mix = torch._standard_gamma(concentration, generator=gen)
+        taken = torch.zeros(n_classes, dtype=torch.long)
+        need = size
+        while need > 0:
+            weights = mix * (left > 0)
+            if not float(weights.sum()) > 0:  # the mix puts (numerically) no weight on the classes left
+                weights = (left > 0).double()
+            draw = torch.multinomial(weights, need, replacement=True, generator=gen)
+            take = torch.minimum(torch.bincount(draw, minlength=n_classes), left)
+            taken += take
+            left -= take
+            need -= int(take.sum())
+        pieces = []
+        for c in torch.nonzero(taken).flatten().tolist():
+            pieces.append(pools[c][used[c]:used[c] + int(taken[c])])
+            used[c] += int(taken[c])
+        parts.append(torch.cat(pieces).sort().values if pieces else torch.empty(0, dtype=torch.long))
+    return parts
+
+
 def partition_classes(labels: torch.Tensor, n_clients: int, *, k: int, seed: int = 0) -> list[torch.Tensor]:
     """Pathological skew: every client holds `k` classes; each class's samples are split evenly among the
     clients that hold it.  Classes are assigned round-robin over a seeded permutation, so every class is used
@@ -83,12 +137,15 @@ def partition_classes(labels: torch.Tensor, n_clients: int, *, k: int, seed: int
 
 
 def partition(labels: torch.Tensor, n_clients: int, scheme: str = "iid", *, alpha: float = 0.5, k: int = 2,
-              seed: int = 0) -> list[torch.Tensor]:
-    """Partition by scheme name: "iid", "dirichlet" (uses `alpha`) or "classes" (uses `k`)."""
+              seed: int = 0, size: int = 0) -> list[torch.Tensor]:
+    """Partition by scheme name: "iid", "dirichlet" or "dirichlet-sized" (use `alpha`; dirichlet-sized also
+    `size`, the samples per client, 0: all shared out) or "classes" (uses `k`)."""
     if scheme == "iid":
         return partition_iid(labels, n_clients, seed=seed)
     if scheme == "dirichlet":
         return partition_dirichlet(labels, n_clients, alpha=alpha, seed=seed)
+    if scheme == "dirichlet-sized":
+        return partition_dirichlet_sized(labels, n_clients, alpha=alpha, seed=seed, size=size)
     if scheme == "classes":
         return partition_classes(labels, n_clients, k=k, seed=seed)
     raise ValueError(f"unknown partition scheme {scheme!r}; choose one of {list(PARTITIONERS)}")

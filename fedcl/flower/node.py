@@ -27,9 +27,10 @@ def _dataset(name: str, data_root: str) -> ImageDataset:
 
 
 @lru_cache(maxsize=8)
-def _partition(name: str, data_root: str, n_clients: int, scheme: str, alpha: float, k: int,
-               seed: int) -> tuple[torch.Tensor, ...]:
-    return tuple(partition(_dataset(name, data_root).train_labels, n_clients, scheme, alpha=alpha, k=k, seed=seed))
+def _partition(name: str, data_root: str, n_clients: int, scheme: str, alpha: float, k: int, seed: int,
+               size: int) -> tuple[torch.Tensor, ...]:
+    return tuple(partition(_dataset(name, data_root).train_labels, n_clients, scheme, alpha=alpha, k=k, seed=seed,
+                           size=size))
 
 
 def local_data(settings: FedSettings, context: Context) -> tuple[ImageDataset, torch.Tensor, torch.Tensor, int]:
@@ -40,7 +41,7 @@ def local_data(settings: FedSettings, context: Context) -> tuple[ImageDataset, t
         raise ValueError(f"node config partition-id={pid} is outside 0..{n_clients - 1}")
     dataset = _dataset(settings.dataset, settings.data_root)
     index = _partition(settings.dataset, settings.data_root, n_clients, settings.partitioner, settings.alpha,
-                       settings.classes_per_client, settings.seed)[pid]
+                       settings.classes_per_client, settings.seed, settings.client_samples)[pid]
     if index.numel() == 0:
         raise ValueError(f"partition {pid} of {n_clients} is empty")
     return dataset, dataset.train_images[index], dataset.train_labels[index], pid

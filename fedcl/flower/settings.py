@@ -67,9 +67,14 @@ class FedSettings:
 
     dataset: str = _setting("digits", "digits (embedded), fashion-mnist, mnist, cifar10")
     data_root: str = _setting("", "directory with the dataset files (empty: the dataset's default place)")
-    partitioner: str = _setting("dirichlet", "how the training split is shared out",
-                                choices=("iid", "dirichlet", "classes"))
-    alpha: float = _setting(0.5, "Dirichlet concentration of the dirichlet partitioner")
+    partitioner: str = _setting("dirichlet", "how the training split is shared out: iid, dirichlet (each class "
+                                "split across clients by Dirichlet(alpha) proportions), dirichlet-sized (every "
+                                "client the same number of samples, its class mix from Dirichlet(alpha * class "
+                                "shares); for many small clients), classes",
+                                choices=("iid", "dirichlet", "dirichlet-sized", "classes"))
+    alpha: float = _setting(0.5, "Dirichlet concentration of the dirichlet and dirichlet-sized partitioners")
+    client_samples: int = _setting(0, "dirichlet-sized: training samples per client (0: the training split shared "
+                                   "out, n // clients)")
     classes_per_client: int = _setting(2, "k of the classes partitioner: classes per client")
     seed: int = _setting(0, "seed of partitions, models and distillation (never of DP noise)")
     model: str = _setting("convnet", "global model: convnet, mlp, lenet")
@@ -184,6 +189,9 @@ class FedSettings:
         if self.resume and self.scenario == "continual":
             raise ValueError("resume works in the standard scenario only; a continual run restarts from task 1 "
                              "(its clients' memories persist on their own, see memory-dir)")
+        if self.client_samples < 0 or (self.client_samples and self.partitioner != "dirichlet-sized"):
+            raise ValueError(f"client-samples must be >= 0 and is for the dirichlet-sized partitioner only, got "
+                             f"{self.client_samples} with {self.partitioner!r}")
         if min(self.num_rounds, self.rounds_per_task, self.ipc, self.min_nodes, self.tasks,
                self.replay_batch_size) < 1:
             raise ValueError("num-rounds, rounds-per-task, ipc, min-nodes, tasks and replay-batch-size must be >= 1")

@@ -34,7 +34,7 @@ def write_partitions(settings: FedSettings, n_clients: int) -> str:
     """Write partitions.txt / partitions.png (samples per class and client) under out_dir; return the table."""
     dataset = load_dataset(settings.dataset, settings.data_root or None)
     parts = partition(dataset.train_labels, n_clients, settings.partitioner, alpha=settings.alpha,
-                      k=settings.classes_per_client, seed=settings.seed)
+                      k=settings.classes_per_client, seed=settings.seed, size=settings.client_samples)
     histogram = class_histogram(dataset.train_labels, parts, dataset.n_classes)
     table = format_histogram(histogram)
     out = Path(settings.out_dir)
