@@ -138,8 +138,8 @@ class Metered:
         offset = first_round - 1
         shifted_evaluate = None if evaluate_fn is None else (lambda r, arrays: evaluate_fn(r + offset, arrays))
         metered = MeteredGrid(grid, self.traffic, self.configrecord_key)  # type: ignore[attr-defined]
-        result = Strategy.start(_RoundsFrom(self, offset), metered, initial_arrays,  # type: ignore[arg-type]
-                                num_rounds - offset, timeout, train_config, evaluate_config, shifted_evaluate)
+        result = _RoundsFrom(self, offset).start(metered, initial_arrays, num_rounds - offset, timeout,
+                                                 train_config, evaluate_config, shifted_evaluate)
         for history in (result.train_metrics_clientapp, result.evaluate_metrics_clientapp,
                         result.evaluate_metrics_serverapp):
             shifted = {r + offset: metrics for r, metrics in history.items()}
@@ -163,31 +163,35 @@ def _array_record(reply: Message) -> ArrayRecord:
     return reply.content.array_records[_only(reply.content.array_records)]
 
 
-class _RoundsFrom:
+class _RoundsFrom(Strategy):
     """The strategy as Flower's round loop sees it: loop round r is the strategy's round r + offset.
 
-    Flower's `Strategy.start` always counts rounds from 1; this view forwards the four round callbacks with the real
-    round number (and records the clients' evaluation metrics), everything else straight to the strategy.
+    Flower's `Strategy.start` always counts rounds from 1.  Like Flower's own strategy wrappers (its DP
+    strategies), this is a `Strategy` around the real one: its five callbacks forward to it with the real round
+    number (and the clients' evaluation metrics are recorded), so a resumed run's rounds carry their real numbers.
     """
 
     def __init__(self, strategy: Metered, offset: int) -> None:
         self._strategy, self._offset = strategy, offset
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._strategy, name)
+    def summary(self) -> None:
+        self._strategy.summary()  # type: ignore[attr-defined]
 
-    def configure_train(self, server_round: int, *args: Any) -> Any:
-        return self._strategy.configure_train(server_round + self._offset, *args)  # type: ignore[attr-defined]
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        return self._strategy.configure_train(server_round + self._offset, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int, replies: Any) -> Any:
-        return self._strategy.aggregate_train(server_round + self._offset, replies)  # type: ignore[attr-defined]
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self._strategy.aggregate_train(server_round + self._offset, replies)
 
-    def configure_evaluate(self, server_round: int, *args: Any) -> Any:
-        return self._strategy.configure_evaluate(server_round + self._offset, *args)  # type: ignore[attr-defined]
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self._strategy.configure_evaluate(server_round + self._offset, arrays, config,  # type: ignore
+                                                 grid)
 
-    def aggregate_evaluate(self, server_round: int, replies: Any) -> Any:
-        metrics = self._strategy.aggregate_evaluate(server_round + self._offset,  # type: ignore[attr-defined]
-                                                    replies)
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        metrics = self._strategy.aggregate_evaluate(server_round + self._offset, replies)
         if metrics is not None:
             self._strategy.client_evaluation[server_round + self._offset] = metrics
         return metrics

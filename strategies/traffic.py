@@ -16,9 +16,10 @@ from dataclasses import asdict, dataclass, field, fields
 from logging import WARNING
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 
 from fedcl.flower.protocol import CONFIG, MAX_REASON_CHARS, SERVER_ROUND
 from fedcl.flower.records import record_nbytes
@@ -102,15 +103,32 @@ class TrafficLog:
         return log_
 
 
-class MeteredGrid:
-    """A Grid proxy that counts the bytes of everything sent and received, by the `server-round` in the messages'
-    ConfigRecord `configrecord_key` (the strategy's)."""
+class MeteredGrid(Grid):
+    """A Grid around another that counts the bytes of everything sent and received, by the `server-round` in the
+    messages' ConfigRecord `configrecord_key` (the strategy's); every other call goes to the inner Grid."""
 
     def __init__(self, grid: Grid, traffic: TrafficLog, configrecord_key: str = CONFIG) -> None:
         self._grid, self._traffic, self._round, self._config_key = grid, traffic, 0, configrecord_key
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
+    def set_run(self, run: Run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self._grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         messages = list(messages)
