@@ -132,7 +132,10 @@ class CompiledEmbedding:
     def __init__(self, template: torch.nn.Module, device: torch.device, amp: bool | None) -> None:
         self.embedder, self.device, self.amp = _Embedder(template), device, amp
         self.bf16 = amp_enabled(device, amp)  # decided once, outside the traced function
-        self._compiled = torch.compile(self._embed, dynamic=False)
+        # Static kernels for the first batch shape; a second shape (a class with fewer real images than the batch,
+        # as a federated client's often has) makes torch recompile once with dynamic shapes instead of once per
+        # shape up to its recompile limit.
+        self._compiled = torch.compile(self._embed, dynamic=None)
         self.failed = False
 
     def _embed(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
