@@ -59,6 +59,9 @@ def main() -> None:
     parser.add_argument("--init", default="noise", choices=("noise", "real"),
                         help="where client distillation starts (default noise: no memory image starts as a real one)")
     parser.add_argument("--distiller-opt", default="", help="client DM options, KEY=VALUE[,KEY=VALUE]")
+    parser.add_argument("--dp-epsilon", type=float, default=0.0,
+                        help="differentially private client distillation: each client's budget over all its "
+                             "uploads (default 0: off)")
     parser.add_argument("--finetune-epochs", type=int, default=10,
                         help="fed-distill-server: server epochs on its memory at each task's end (default 10)")
     parser.add_argument("--label-temperature", type=float, default=0.0,
@@ -77,14 +80,15 @@ def main() -> None:
                            replay_batch_size=args.batch_size, replay_dsa=args.replay_dsa,
                            rehearsal_epochs=args.rehearsal_epochs, width=args.width,
                            distill_iterations=args.distill_iterations, batch_real=args.batch_real,
-                           init=args.init, distiller_opt=args.distiller_opt,
+                           init=args.init, distiller_opt=args.distiller_opt, dp_epsilon=args.dp_epsilon,
                            finetune_epochs=args.finetune_epochs, upload_dtype=args.upload_dtype,
                            label_temperature=args.label_temperature, device=args.device)
     start = time.perf_counter()
     table = run_comparison(settings, args.clients, args.strategies, args.seeds, args.out, engine=args.engine)
     print(f"{args.dataset}: {args.clients} clients, {args.tasks} tasks, Dirichlet {args.alpha}, memory {args.ipc} "
           f"images per class per client, seeds {args.seeds}, {args.rounds} rounds x {args.local_epochs} local "
-          f"epochs per task, DM {args.distill_iterations} iterations from {args.init} {args.distiller_opt}, width "
+          f"epochs per task, DM {args.distill_iterations} iterations from {args.init} {args.distiller_opt}"
+          f"{f' DP epsilon {args.dp_epsilon}' if args.dp_epsilon else ''}, width "
           f"{args.width}, label temperature "
           f"{args.label_temperature}, replay DSA {'on' if args.replay_dsa else 'off'}, rehearsal epochs "
           f"{args.rehearsal_epochs}")
