@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import subprocess
 import warnings
 from collections.abc import Iterator
@@ -130,6 +131,8 @@ class CompiledEmbedding:
     """
 
     def __init__(self, template: torch.nn.Module, device: torch.device, amp: bool | None) -> None:
+        # Inductor's C++ build looks for CUDA and logs a warning on a CPU-only machine; nothing to act on.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         self.embedder, self.device, self.amp = _Embedder(template), device, amp
         self.bf16 = amp_enabled(device, amp)  # decided once, outside the traced function
         # Static kernels for the first batch shape; a second shape (a class with fewer real images than the batch,
