@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import subprocess
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -50,6 +52,23 @@ def code_version() -> str:
         except PackageNotFoundError:
             return "unknown"
     return "-".join(tree[:12] for tree in trees) + ("+dirty" if dirty else "")
+
+
+def saved_run(path: str | Path, settings: dict[str, Any], make: Callable[[], Any]) -> tuple[Any, bool]:
+    """For benchmarks that finish over several invocations: the JSON result an earlier invocation saved at `path`
+    when its settings and code version (`code_version`) equal these (compared after a JSON round trip), else
+    `make()`'s result, saved there at once (atomically); and whether it was reused."""
+    from fedcl.files import write_json
+
+    settings = json.loads(json.dumps({**settings, "code": code_version()}))
+    path = Path(path)
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("settings") == settings:
+            return saved["result"], True
+    result = make()
+    write_json(path, {"settings": settings, "result": result})
+    return result, False
 
 
 def generator(seed: int) -> torch.Generator:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -31,8 +30,8 @@ from pathlib import Path
 from fedcl.avalanche.benchmarks import CLBenchmark, available_benchmarks, make_benchmark
 from fedcl.avalanche.experiment import STRATEGIES, RunConfig, RunResult, run
 from fedcl.avalanche.report import markdown_table, plot_accuracy, summarise
-from fedcl.files import atomic_write, write_csv, write_json
-from fedcl.runtime import code_version
+from fedcl.files import atomic_write, write_csv
+from fedcl.runtime import saved_run
 
 _MEMORYLESS = ("naive", "joint")
 
@@ -76,14 +75,9 @@ def run_or_reuse(benchmark_name: str, benchmark: Callable[[], CLBenchmark], conf
     The saved settings are compared after a JSON round trip, so a run is reused only where nothing that shapes
     it (the code version, benchmark, epochs, distiller options, batch sizes, width, device, ...) has changed."""
     path = out / "runs" / f"seed{config.seed}-{config.strategy}-mem{config.mem_size}.json"
-    settings = json.loads(json.dumps({"benchmark": benchmark_name, **asdict(config), "code": code_version()}))
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if saved.get("settings") == settings:
-            return RunResult(**saved["result"]), True
-    result = run(benchmark(), config)
-    write_json(path, {"settings": settings, "result": asdict(result)})
-    return result, False
+    saved, reused = saved_run(path, {"benchmark": benchmark_name, **asdict(config)},
+                              lambda: asdict(run(benchmark(), config)))
+    return RunResult(**saved), reused
 
 
 def main(argv: list[str] | None = None) -> int:

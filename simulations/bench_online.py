@@ -25,7 +25,6 @@ Quick check (small subsets of the data, a few DM iterations):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -36,9 +35,9 @@ import torch
 from fedcl.data import load_dataset
 from fedcl.data.datasets import ImageDataset
 from fedcl.distill.base import Source
-from fedcl.files import write_csv, write_json
+from fedcl.files import write_csv
 from fedcl.models import create_model
-from fedcl.runtime import code_version, generator, resolve_device, seeded
+from fedcl.runtime import generator, resolve_device, saved_run, seeded
 
 METHODS = ("replay", "reservoir", "distilled")
 QUICK = {"train_per_class": 100, "test_per_class": 100, "dm_iterations": 20, "update_iterations": 2,
@@ -165,16 +164,9 @@ def run_or_reuse(method: str, mem_size: int, seed: int, dataset: ImageDataset, a
     if not args.out:
         return run_one(method, mem_size, seed, dataset, args, device), False
     settings = {k: v for k, v in vars(args).items() if k not in _PLAN_OPTIONS}
-    settings = json.loads(json.dumps({**settings, "method": method, "mem_size": mem_size, "seed": seed,
-                                      "code": code_version()}))
-    path = Path(args.out) / "runs" / f"seed{seed}-{method}-mem{mem_size}.json"
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if saved.get("settings") == settings:
-            return saved["result"], True
-    row = run_one(method, mem_size, seed, dataset, args, device)
-    write_json(path, {"settings": settings, "result": row})
-    return row, False
+    return saved_run(Path(args.out) / "runs" / f"seed{seed}-{method}-mem{mem_size}.json",
+                     {**settings, "method": method, "mem_size": mem_size, "seed": seed},
+                     lambda: run_one(method, mem_size, seed, dataset, args, device))
 
 
 def table(rows: list[dict[str, Any]]) -> str:

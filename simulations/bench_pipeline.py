@@ -18,7 +18,6 @@ version, so the benchmark can be completed over several invocations.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 
 from fedcl.files import write_json
-from fedcl.runtime import code_version, seeded
+from fedcl.runtime import saved_run, seeded
 
 METHODS = ("replay", "distilled")
 TARGETS = {10: 5.0, 100: 3.0}  # points of final average accuracy distilled replay must gain, by memory size
@@ -81,16 +80,9 @@ def run_or_reuse(method: str, mem_size: int, seed: int, args: argparse.Namespace
     """`run_one`, or its row from OUT/runs when an earlier invocation made it with the same settings and code."""
     if not args.out:
         return run_one(method, mem_size, seed, args.benchmark), False
-    settings = {"benchmark": args.benchmark, "method": method, "mem_size": mem_size, "seed": seed,
-                "code": code_version()}
-    path = Path(args.out) / "runs" / f"seed{seed}-{method}-mem{mem_size}.json"
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if saved.get("settings") == settings:
-            return saved["result"], True
-    row = run_one(method, mem_size, seed, args.benchmark)
-    write_json(path, {"settings": settings, "result": row})
-    return row, False
+    return saved_run(Path(args.out) / "runs" / f"seed{seed}-{method}-mem{mem_size}.json",
+                     {"benchmark": args.benchmark, "method": method, "mem_size": mem_size, "seed": seed},
+                     lambda: run_one(method, mem_size, seed, args.benchmark))
 
 
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
